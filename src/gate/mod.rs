@@ -1,0 +1,536 @@
+//! The decision core: may this request pass, and as whom?
+//!
+//! [`Gate::check`] runs the checks of DESIGN.md in order, with no I/O and no `.await`:
+//!
+//! 1. **route** — method + path against the route table: 404, 405 with `Allow`, 400 for paths a
+//!    server behind us could resolve to another route. Public routes stop here, granted.
+//! 2. **credential** — the key from the configured sources: 401 *missing*; malformed (length,
+//!    alphabet, ambiguity, bad checksum of an issued key): 401 *invalid* with no lookup.
+//! 3. **key** — SHA-256 → cache. A known-unknown digest: 401 *invalid*. A miss returns
+//!    [`Check::Lookup`]; the caller loads it off the async workers ([`Gate::load`]) and calls
+//!    [`Gate::resume`]. Clients over the failed-authentication limit get 429 before any lookup.
+//! 4. **policy** — revoked or expired: 401 *invalid*; environment or team parameter: 403 access
+//!    denied; a missing scope: 403 insufficient scope.
+//! 5. **heartbeat** — the team's last heartbeat older than the window: 403 plugin required.
+//! 6. **limits** — the plan's buckets: 429 with `Retry-After`. Steps 1–5 consume no quota.
+//!
+//! State that must outlive a config snapshot (buckets, heartbeats, usage) lives in registries on
+//! the [`Gate`]; the [`Snapshot`] is immutable and swapped whole on reload.
+
+pub mod credential;
+pub mod denial;
+pub mod heartbeat;
+pub mod keys;
+pub mod limits;
+pub mod route;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use arc_swap::{ArcSwap, Guard};
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderValue, Method};
+use prometheus::IntCounter;
+
+pub use denial::{Denial, ErrorBodies, RateInfo};
+pub use keys::{Digest, KeyEntry, TeamEntry};
+
+use crate::clock::{Clock, Now, UnixMillis};
+use crate::config::{Config, HeartbeatRule, LimitKey, TeamPlan};
+use crate::metrics::Metrics;
+use crate::store::{KeyStore, StoreError, StoredKey, StoredTeam};
+use credential::{CredentialRules, Found};
+use heartbeat::Heartbeats;
+use keys::{Cached, KeyCache, LoadError, UsageRegistry};
+use limits::{LimitSet, LimiterRegistry};
+use route::{Miss, RouteTable};
+
+/// The parts of a request the gate looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub peer: IpAddr,
+}
+
+/// A granted request.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub route: u16,
+    /// `None` on public routes.
+    pub key: Option<Arc<KeyEntry>>,
+    /// The rate-limit state, when the route is rate limited.
+    pub rate: Option<RateInfo>,
+}
+
+/// The outcome of [`Gate::check`].
+#[derive(Debug)]
+pub enum Check {
+    Granted(Grant),
+    /// Refused; `key` is set when the refusal came after the key was known (for headers).
+    Denied(Denial, Option<Arc<KeyEntry>>),
+    /// The key is not cached: load it ([`Gate::load`]) and [`Gate::resume`].
+    Lookup(Digest),
+}
+
+/// What a request's outcome is counted as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Forwarded,
+    /// Answered by keygate itself (the usage route).
+    Served,
+    Denied(Denial),
+}
+
+impl Outcome {
+    const COUNT: usize = Denial::CODES.len() + 2;
+
+    fn index(self) -> usize {
+        match self {
+            Outcome::Forwarded => 0,
+            Outcome::Served => 1,
+            Outcome::Denied(d) => 2 + d.index(),
+        }
+    }
+
+    fn label(i: usize) -> &'static str {
+        match i {
+            0 => "forwarded",
+            1 => "served",
+            _ => Denial::CODES[i - 2],
+        }
+    }
+}
+
+/// A declared (config) key.
+#[derive(Debug)]
+struct DeclaredKey {
+    stored: StoredKey,
+}
+
+/// One immutable, validated config with everything derived from it.
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub routes: RouteTable,
+    pub credentials: CredentialRules,
+    pub errors: ErrorBodies,
+    pub heartbeat_window_ms: i64,
+    teams: HashMap<String, Arc<TeamEntry>>,
+    declared: HashMap<Digest, DeclaredKey>,
+    plans: HashMap<String, Arc<LimitSet>>,
+    /// Request counters per route (the last row: no route) and outcome.
+    counters: Vec<Vec<IntCounter>>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("routes", &self.routes.len())
+            .field("teams", &self.teams.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    /// Counts a request's outcome.
+    #[inline]
+    pub fn count(&self, route: Option<u16>, outcome: Outcome) {
+        let row = route.map(usize::from).unwrap_or(self.counters.len() - 1);
+        self.counters[row][outcome.index()].inc();
+    }
+
+    /// A team declared in the config.
+    pub fn team(&self, id: &str) -> Option<&Arc<TeamEntry>> {
+        self.teams.get(id)
+    }
+
+    /// The limits of a named plan.
+    pub fn plan(&self, name: &str) -> Option<&Arc<LimitSet>> {
+        self.plans.get(name)
+    }
+}
+
+/// The gate: the current snapshot plus the state that outlives snapshots.
+pub struct Gate {
+    snapshot: ArcSwap<Snapshot>,
+    cache: KeyCache,
+    store: Arc<dyn KeyStore>,
+    pub limiters: LimiterRegistry,
+    pub heartbeats: Heartbeats,
+    pub usage: UsageRegistry,
+    failed_auth: Option<RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, Clock, NoOpMiddleware<Nanos>>>,
+    clock: Clock,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate").field("cache", &self.cache).finish_non_exhaustive()
+    }
+}
+
+impl Gate {
+    /// Builds a gate for a validated config.
+    pub fn new(config: Arc<Config>, store: Arc<dyn KeyStore>, clock: Clock, metrics: Metrics) -> Gate {
+        let limiters = LimiterRegistry::new(clock.clone());
+        let heartbeats = Heartbeats::default();
+        let failed_auth = NonZeroU32::new(config.limits.failed_auth_per_minute)
+            .map(|n| RateLimiter::new(Quota::per_minute(n), DefaultKeyedStateStore::default(), clock.clone()));
+        let cache = KeyCache::new(&config.cache);
+        let snap = build_snapshot(config, &limiters, &heartbeats, &metrics);
+        Gate {
+            snapshot: ArcSwap::from_pointee(snap),
+            cache,
+            store,
+            limiters,
+            heartbeats,
+            usage: UsageRegistry::default(),
+            failed_auth,
+            clock,
+            metrics,
+        }
+    }
+
+    /// The current snapshot.
+    #[inline]
+    pub fn snapshot(&self) -> Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Swaps in a new validated config. Buckets of unchanged quotas, heartbeats and usage are
+    /// kept; cached keys are dropped so they are re-resolved against the new plans and teams.
+    pub fn reload(&self, config: Arc<Config>) {
+        let snap = build_snapshot(config, &self.limiters, &self.heartbeats, &self.metrics);
+        self.snapshot.store(Arc::new(snap));
+        self.cache.invalidate_all();
+    }
+
+    /// Forgets a cached key at once (revocation).
+    pub fn invalidate(&self, d: &Digest) {
+        self.cache.invalidate(d);
+    }
+
+    /// Forgets every cached key (a team's plan changed, keys rotated in bulk).
+    pub fn invalidate_all(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Drops idle rate-limit buckets and failed-authentication records; returns buckets kept.
+    pub fn prune(&self) -> usize {
+        if let Some(l) = &self.failed_auth {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        self.limiters.prune()
+    }
+
+    /// Positive and negative cache entry counts.
+    pub fn cache_counts(&self) -> (u64, u64) {
+        self.cache.counts()
+    }
+
+    /// Steps 1–6 on a request; no I/O. See the module docs for the order.
+    #[inline]
+    pub fn check(&self, snap: &Snapshot, head: &RequestHead<'_>, now: Now) -> Check {
+        self.run(snap, head, now, None)
+    }
+
+    /// Finishes a check after [`Gate::load`].
+    pub fn resume(
+        &self,
+        snap: &Snapshot,
+        head: &RequestHead<'_>,
+        now: Now,
+        loaded: Result<Arc<KeyEntry>, LoadError>,
+    ) -> Check {
+        self.run(snap, head, now, Some(loaded))
+    }
+
+    fn run(
+        &self,
+        snap: &Snapshot,
+        head: &RequestHead<'_>,
+        now: Now,
+        loaded: Option<Result<Arc<KeyEntry>, LoadError>>,
+    ) -> Check {
+        let matched = match snap.routes.find(head.method, head.path) {
+            Ok(m) => m,
+            Err(Miss::NotFound) => return Check::Denied(Denial::NotFound, None),
+            Err(Miss::BadPath) => return Check::Denied(Denial::BadRequest, None),
+            Err(Miss::MethodNotAllowed { group }) => return Check::Denied(Denial::MethodNotAllowed { group }, None),
+        };
+        let route = &snap.routes.get(matched.index).config;
+        if route.public {
+            return Check::Granted(Grant {
+                route: matched.index,
+                key: None,
+                rate: None,
+            });
+        }
+        let presented = match snap.credentials.find(head.headers) {
+            Found::Key(p) => p,
+            Found::Missing => return Check::Denied(Denial::MissingKey, None),
+            Found::Invalid => return self.failed_auth(head.peer, None),
+        };
+        let entry = match loaded {
+            Some(Ok(e)) => e,
+            // The lookup was already charged to the client's budget by `admit_uncached`.
+            Some(Err(LoadError::Unknown)) => return Check::Denied(Denial::InvalidKey, None),
+            Some(Err(LoadError::Store(_))) => return Check::Denied(Denial::StoreUnavailable, None),
+            None => {
+                let d = keys::digest(presented.bytes);
+                match self.cache.get(&d) {
+                    Cached::Hit(e) => {
+                        self.metrics.cache_hit.inc();
+                        e
+                    }
+                    Cached::KnownUnknown => {
+                        self.metrics.cache_negative_hit.inc();
+                        if let Some(d) = self.admit_uncached(head.peer) {
+                            return Check::Denied(d, None);
+                        }
+                        return Check::Denied(Denial::InvalidKey, None);
+                    }
+                    Cached::Miss => {
+                        self.metrics.cache_miss.inc();
+                        if let Some(d) = self.admit_uncached(head.peer) {
+                            return Check::Denied(d, None);
+                        }
+                        return Check::Lookup(d);
+                    }
+                }
+            }
+        };
+        // 4. policy
+        if entry.is_dead(now.wall_ms) {
+            return self.failed_auth(head.peer, None);
+        }
+        if !route.environments.is_empty()
+            && !entry
+                .environment
+                .as_deref()
+                .is_some_and(|e| route.environments.iter().any(|r| r == e))
+        {
+            return Check::Denied(Denial::AccessDenied, Some(entry));
+        }
+        if route.team_param.is_some() && matched.team_param != Some(&*entry.team.id) {
+            return Check::Denied(Denial::AccessDenied, Some(entry));
+        }
+        if !entry.has_scopes(&route.scopes) {
+            return Check::Denied(Denial::InsufficientScope, Some(entry));
+        }
+        // 5. heartbeat
+        if route.heartbeat == HeartbeatRule::Required
+            && entry.team.heartbeat_required
+            && !entry.team.beat.fresh(now.wall_ms, snap.heartbeat_window_ms)
+        {
+            return Check::Denied(Denial::PluginRequired, Some(entry));
+        }
+        // 6. limits
+        let rate = if route.rate_limited {
+            match entry.team.limits.check(&entry.limiter_key) {
+                Ok(info) => info,
+                Err(info) => return Check::Denied(Denial::RateLimited(info), Some(entry)),
+            }
+        } else {
+            None
+        };
+        if route.heartbeat == HeartbeatRule::Record {
+            self.heartbeats.record(&entry.team.beat, now.wall_ms);
+        }
+        entry.usage.hit(now.wall_ms);
+        Check::Granted(Grant {
+            route: matched.index,
+            key: Some(entry),
+            rate,
+        })
+    }
+
+    /// An *invalid key* answer, charged to the client address's failed-authentication budget.
+    fn failed_auth(&self, peer: IpAddr, key: Option<Arc<KeyEntry>>) -> Check {
+        if let Some(l) = &self.failed_auth {
+            let _ = l.check_key(&peer);
+        }
+        Check::Denied(Denial::InvalidKey, key)
+    }
+
+    /// Charges a key that is not in the positive cache (a lookup, or a known-unknown digest) to
+    /// the client address's budget, refusing it when the budget is spent. Keys already cached are
+    /// never charged, so valid keys behind a shared address keep working during an attack.
+    fn admit_uncached(&self, peer: IpAddr) -> Option<Denial> {
+        let l = self.failed_auth.as_ref()?;
+        match l.check_key(&peer) {
+            Ok(()) => None,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(l.clock()));
+                Some(Denial::TooManyFailedAuth {
+                    retry_after_secs: wait.as_secs().max(1),
+                })
+            }
+        }
+    }
+
+    /// Resolves a digest through the cache and the store (blocking; one load per digest).
+    pub fn load(&self, d: &Digest) -> Result<Arc<KeyEntry>, LoadError> {
+        self.cache.load(d, || {
+            let snap = self.snapshot.load();
+            if let Some(k) = snap.declared.get(d) {
+                return self.entry(&snap, &k.stored);
+            }
+            self.metrics.store_lookups.inc();
+            let stored = self
+                .store
+                .find_key(d)
+                .map_err(|e| self.store_error(e))?
+                .ok_or(LoadError::Unknown)?;
+            self.entry(&snap, &stored)
+        })
+    }
+
+    fn store_error(&self, e: StoreError) -> LoadError {
+        self.metrics.store_errors.inc();
+        tracing::warn!(error = %e, "key store lookup failed; failing closed");
+        LoadError::Store(e.to_string())
+    }
+
+    /// Builds the cache entry of a stored key against the current snapshot.
+    fn entry(&self, snap: &Snapshot, k: &StoredKey) -> Result<Arc<KeyEntry>, LoadError> {
+        let team = match snap.teams.get(&k.team_id) {
+            Some(t) => t.clone(),
+            None => {
+                let stored = self
+                    .store
+                    .find_team(&k.team_id)
+                    .map_err(|e| self.store_error(e))?
+                    .ok_or(LoadError::Unknown)?;
+                self.team_entry(snap, &stored).ok_or(LoadError::Unknown)?
+            }
+        };
+        let key_id: Arc<str> = k.key_id.as_str().into();
+        Ok(Arc::new(KeyEntry {
+            limiter_key: match snap.config.limits.key_by {
+                LimitKey::Team => team.id.clone(),
+                LimitKey::Key => key_id.clone(),
+            },
+            key_id_header: HeaderValue::from_str(&k.key_id).map_err(|_| LoadError::Unknown)?,
+            usage: self.usage.get(&k.key_id),
+            key_id,
+            team,
+            scopes: k.scopes.iter().map(|s| s.as_str().into()).collect(),
+            environment: k.environment.as_deref().map(Into::into),
+            expires_at: k.expires_at,
+            revoked: k.revoked_at.is_some(),
+        }))
+    }
+
+    /// A team from the store, resolved against the snapshot's plans.
+    pub fn team_entry(&self, snap: &Snapshot, t: &StoredTeam) -> Option<Arc<TeamEntry>> {
+        let (plan, limits) = match &t.plan {
+            Some(p) => (p.clone(), snap.plans.get(p)?.clone()),
+            None => ("custom".to_owned(), self.limiters.set(&format!("{}-custom", t.id), &t.limits)),
+        };
+        let required = t.heartbeat_required.unwrap_or(snap.config.heartbeat.required);
+        make_team(&t.id, &plan, limits, required, &self.heartbeats)
+    }
+
+    /// Seconds of heartbeat age for a team, if it has one.
+    pub fn heartbeat_age(&self, team: &str, now: UnixMillis) -> Option<i64> {
+        self.heartbeats.last(team).map(|t| (now - t).max(0) / 1000)
+    }
+}
+
+fn make_team(
+    id: &str,
+    plan: &str,
+    limits: Arc<LimitSet>,
+    required: bool,
+    heartbeats: &Heartbeats,
+) -> Option<Arc<TeamEntry>> {
+    Some(Arc::new(TeamEntry {
+        id: id.into(),
+        plan: plan.into(),
+        team_header: HeaderValue::from_str(id).ok()?,
+        plan_header: HeaderValue::from_str(plan).ok()?,
+        beat: heartbeats.beat(id, required),
+        heartbeat_required: required,
+        limits,
+    }))
+}
+
+fn build_snapshot(config: Arc<Config>, limiters: &LimiterRegistry, heartbeats: &Heartbeats, metrics: &Metrics) -> Snapshot {
+    let plans: HashMap<String, Arc<LimitSet>> = config
+        .plans
+        .iter()
+        .map(|(name, specs)| (name.clone(), limiters.set(name, specs)))
+        .collect();
+    let mut teams = HashMap::new();
+    let mut declared = HashMap::new();
+    for t in &config.teams {
+        let (plan, limits) = match &t.plan {
+            TeamPlan::Named(p) => match plans.get(p) {
+                Some(l) => (p.clone(), l.clone()),
+                None => continue, // refused by validation
+            },
+            TeamPlan::Custom(specs) => ("custom".to_owned(), limiters.set(&format!("{}-custom", t.id), specs)),
+        };
+        let required = t.heartbeat_required.unwrap_or(config.heartbeat.required);
+        let Some(team) = make_team(&t.id, &plan, limits, required, heartbeats) else { continue };
+        teams.insert(t.id.clone(), team);
+        for k in &t.keys {
+            declared.insert(
+                k.digest,
+                DeclaredKey {
+                    stored: StoredKey {
+                        key_id: k.id.clone(),
+                        team_id: t.id.clone(),
+                        name: k.id.clone(),
+                        scopes: k.scopes.clone(),
+                        environment: k.environment.clone(),
+                        created_at: 0,
+                        expires_at: None,
+                        revoked_at: None,
+                        visible_prefix: String::new(),
+                    },
+                },
+            );
+        }
+    }
+    let routes = RouteTable::new(&config.routes);
+    let counters = routes
+        .routes()
+        .map(|r| r.config.name.as_str())
+        .chain(std::iter::once("none"))
+        .map(|name| {
+            (0..Outcome::COUNT)
+                .map(|i| metrics.requests.with_label_values(&[name, Outcome::label(i)]))
+                .collect()
+        })
+        .collect();
+    Snapshot {
+        credentials: CredentialRules::new(&config.credentials, &config.keys.prefixes),
+        errors: ErrorBodies::new(&config.errors),
+        heartbeat_window_ms: config.heartbeat.window.as_millis() as i64,
+        routes,
+        teams,
+        declared,
+        plans,
+        counters,
+        config,
+    }
+}

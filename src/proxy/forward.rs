@@ -1,0 +1,309 @@
+//! Forwarding: the pooled upstream client and the header hygiene on both legs.
+//!
+//! Request headers, in order: hop-by-hop fields (RFC 9110 §7.6.1, and any named in `Connection`)
+//! and client framing (`Content-Length`, `Transfer-Encoding` — hyper re-frames from the body) go;
+//! credential headers go; any `x-keygate-*`, header names with `_` (a spoofing path past checks
+//! on the `-` spelling), and — unless `proxy.trust_forwarded` — `Forwarded`/`X-Forwarded-*` and
+//! `X-Request-Id` from the client go; then keygate's own identity, forwarding and request-id
+//! headers are set. Response headers lose their hop-by-hop fields.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::header::{self, HeaderName};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderValue, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::body::GuardedBody;
+use crate::config::UpstreamConfig;
+use crate::gate::KeyEntry;
+
+pub static X_KEYGATE_TEAM: HeaderName = HeaderName::from_static("x-keygate-team");
+pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
+pub static X_KEYGATE_PLAN: HeaderName = HeaderName::from_static("x-keygate-plan");
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop fields that never cross keygate.
+static HOP_BY_HOP: [&HeaderName; 9] = [
+    &header::CONNECTION,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TE,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+];
+
+/// The upstream client type.
+pub type UpstreamClient = Client<HttpConnector, GuardedBody>;
+
+/// Builds the pooled keep-alive client.
+pub fn client(cfg: &UpstreamConfig) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(cfg.connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle)
+        // The idle-pool timeout only runs with a timer.
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// The upstream's scheme, authority and base path, split once per snapshot.
+#[derive(Debug, Clone)]
+pub struct Target {
+    scheme: Scheme,
+    authority: Authority,
+    base: String,
+    host: HeaderValue,
+}
+
+impl Target {
+    pub fn new(url: &Uri) -> Target {
+        let authority = url.authority().cloned().unwrap_or(Authority::from_static("127.0.0.1"));
+        Target {
+            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            host: HeaderValue::from_str(authority.as_str()).unwrap_or(HeaderValue::from_static("localhost")),
+            authority,
+            base: url.path().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The upstream URI for a request's path and query.
+    pub fn uri(&self, original: &Uri) -> Result<Uri, http::Error> {
+        let pq = original.path_and_query().map(PathAndQuery::as_str).unwrap_or("/");
+        let pq: PathAndQuery = if self.base.is_empty() {
+            match original.path_and_query() {
+                Some(p) => p.clone(),
+                None => PathAndQuery::from_static("/"),
+            }
+        } else {
+            format!("{}{}", self.base, pq).parse()?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+    }
+
+    /// The upstream's own `Host`, for `upstream.preserve_host = false`.
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
+    }
+}
+
+/// Removes hop-by-hop fields, including those the `Connection` header names; with `framing`,
+/// also `Content-Length` (requests are re-framed by hyper from the body).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, framing: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if framing {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
+/// Everything the request hygiene needs besides the headers.
+pub struct Forwarding<'a> {
+    pub credential_headers: &'a [&'static HeaderName],
+    pub key: Option<&'a KeyEntry>,
+    pub peer: &'a HeaderValue,
+    pub proto: &'static str,
+    pub trust_forwarded: bool,
+    pub request_id: HeaderValue,
+}
+
+/// Rewrites request headers for the upstream (see the module docs for the order).
+pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
+    strip_hop_by_hop(headers, true);
+    for h in f.credential_headers {
+        headers.remove(*h);
+    }
+    // One pass over the names for the patterns a fixed list cannot name.
+    let suspicious: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_') || n.as_str().starts_with("x-keygate-"))
+        .cloned()
+        .collect();
+    for n in suspicious {
+        headers.remove(n);
+    }
+    if f.trust_forwarded {
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", f.peer.to_str().unwrap_or(""))).ok(),
+            None => None,
+        };
+        headers.insert(X_FORWARDED_FOR.clone(), xff.unwrap_or_else(|| f.peer.clone()));
+        if !headers.contains_key(&X_FORWARDED_PROTO) {
+            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
+        }
+        if !headers.contains_key(&X_REQUEST_ID) {
+            headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
+        }
+    } else {
+        headers.remove(&FORWARDED);
+        headers.remove(&X_FORWARDED_HOST);
+        headers.insert(X_FORWARDED_FOR.clone(), f.peer.clone());
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
+        headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
+    }
+    if let Some(k) = f.key {
+        headers.insert(X_KEYGATE_TEAM.clone(), k.team.team_header.clone());
+        headers.insert(X_KEYGATE_KEY_ID.clone(), k.key_id_header.clone());
+        headers.insert(X_KEYGATE_PLAN.clone(), k.team.plan_header.clone());
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter, 24 hex digits, no allocation but
+/// the header value itself.
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u64,
+    next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds {
+            prefix: rand::random::<u64>() & 0xffff_ffff,
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl RequestIds {
+    pub fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 24];
+        let v = (u128::from(self.prefix) << 64) | u128::from(n);
+        for (i, slot) in buf.iter_mut().enumerate() {
+            *slot = HEX[((v >> (4 * (23 - i))) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "0005"),
+            ("upgrade", "h2c"),
+            ("accept", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn request_hygiene() {
+        let mut h = map(&[
+            ("x-api-key", "sk_live_secret"),
+            ("x_api_key", "sk_live_secret"),
+            ("x-keygate-team", "someone-else"),
+            ("x-keygate-anything", "x"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-request-id", "spoofed"),
+            ("accept", "*/*"),
+        ]);
+        let peer = HeaderValue::from_static("127.0.0.1");
+        let f = Forwarding {
+            credential_headers: &[&crate::gate::credential::X_API_KEY],
+            key: None,
+            peer: &peer,
+            proto: "http",
+            trust_forwarded: false,
+            request_id: HeaderValue::from_static("abc"),
+        };
+        request_headers(&mut h, &f);
+        assert!(h.get("x-api-key").is_none());
+        assert!(h.get("x_api_key").is_none());
+        assert!(h.get("x-keygate-team").is_none());
+        assert!(h.get("x-keygate-anything").is_none());
+        assert!(h.get("forwarded").is_none());
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-request-id"], "abc");
+        assert_eq!(h["accept"], "*/*");
+    }
+
+    #[test]
+    fn trusted_forwarding_appends() {
+        let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("x-request-id", "r1")]);
+        let peer = HeaderValue::from_static("127.0.0.1");
+        let f = Forwarding {
+            credential_headers: &[],
+            key: None,
+            peer: &peer,
+            proto: "https",
+            trust_forwarded: true,
+            request_id: HeaderValue::from_static("new"),
+        };
+        request_headers(&mut h, &f);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-request-id"], "r1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn target_uri() {
+        let t = Target::new(&"http://127.0.0.1:3000".parse().unwrap());
+        assert_eq!(t.uri(&"/a/b?c=1".parse().unwrap()).unwrap(), "http://127.0.0.1:3000/a/b?c=1");
+        let t = Target::new(&"http://up:80/base/".parse().unwrap());
+        assert_eq!(t.uri(&"/a?x".parse().unwrap()).unwrap(), "http://up:80/base/a?x");
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        let ids = RequestIds::default();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 24);
+    }
+}

@@ -1,0 +1,343 @@
+//! The proxy: a thin hyper shell around the [`Gate`].
+//!
+//! For each request: take the current snapshot, run [`Gate::check`] (synchronous on a cache
+//! hit), load a missed key on the blocking pool, then either answer with the denial's JSON or
+//! forward over the pooled client and stream the answer back. Nothing here decides access.
+
+pub mod body;
+pub mod forward;
+pub mod server;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderValue, Method, Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::clock::{Now, Stopwatch};
+use crate::gate::keys::LoadError;
+use crate::gate::{Check, Denial, Gate, Grant, KeyEntry, Outcome, RateInfo, RequestHead, Snapshot};
+use body::{BodyFate, GuardedBody};
+use forward::{Forwarding, RequestIds, Target, UpstreamClient, X_REQUEST_ID};
+
+/// The response body: the upstream's, streamed, or one of ours.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// What every connection's service shares.
+pub struct Proxy {
+    pub gate: Arc<Gate>,
+    client: UpstreamClient,
+    target: arc_swap::ArcSwap<Target>,
+    ids: RequestIds,
+    proto: &'static str,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("proto", &self.proto).finish_non_exhaustive()
+    }
+}
+
+/// Per-connection facts, computed once per connection rather than per request.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub peer_header: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr) -> Self {
+        ConnInfo {
+            peer,
+            peer_header: HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown")),
+        }
+    }
+}
+
+impl Proxy {
+    pub fn new(gate: Arc<Gate>, tls: bool) -> Proxy {
+        let snap = gate.snapshot();
+        let client = forward::client(&snap.config.upstream);
+        let target = Target::new(&snap.config.upstream.url);
+        drop(snap);
+        Proxy {
+            gate,
+            client,
+            target: arc_swap::ArcSwap::from_pointee(target),
+            ids: RequestIds::default(),
+            proto: if tls { "https" } else { "http" },
+        }
+    }
+
+    /// Picks up a reloaded upstream URL.
+    pub fn reloaded(&self) {
+        let snap = self.gate.snapshot();
+        self.target.store(Arc::new(Target::new(&snap.config.upstream.url)));
+    }
+
+    /// Handles one request.
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Result<Response<ProxyBody>, Infallible> {
+        let watch = Stopwatch::start();
+        let snap = self.gate.snapshot();
+        let now = self.gate.clock().now();
+        let (parts, body) = req.into_parts();
+        if let Some(d) = framing_denial(&parts) {
+            snap.count(None, Outcome::Denied(d));
+            return Ok(self.denial(&snap, d, None, true));
+        }
+        let head = RequestHead {
+            method: &parts.method,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+            peer: conn.peer.ip(),
+        };
+        let mut check = self.gate.check(&snap, &head, now);
+        if let Check::Lookup(digest) = check {
+            let gate = self.gate.clone();
+            let loaded = tokio::task::spawn_blocking(move || gate.load(&digest))
+                .await
+                .unwrap_or_else(|_| Err(LoadError::Store("lookup task failed".into())));
+            check = self.gate.resume(&snap, &head, now, loaded);
+        }
+        let grant = match check {
+            Check::Granted(g) => g,
+            Check::Denied(d, key) => {
+                let route = match d {
+                    Denial::NotFound | Denial::BadRequest | Denial::MethodNotAllowed { .. } => None,
+                    _ => snap.routes.find(&parts.method, parts.uri.path()).ok().map(|m| m.index),
+                };
+                snap.count(route, Outcome::Denied(d));
+                self.gate.metrics().overhead_seconds.observe(watch.elapsed().as_secs_f64());
+                return Ok(self.denial(&snap, d, key.as_deref(), false));
+            }
+            Check::Lookup(_) => {
+                snap.count(None, Outcome::Denied(Denial::StoreUnavailable));
+                return Ok(self.denial(&snap, Denial::StoreUnavailable, None, false));
+            }
+        };
+        let route = &snap.routes.get(grant.route).config;
+        if route.usage {
+            snap.count(Some(grant.route), Outcome::Served);
+            return Ok(self.usage(&grant, now));
+        }
+        if !route.upgrade && (parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE)) {
+            snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
+            return Ok(self.denial(&snap, Denial::BadRequest, grant.key.as_deref(), false));
+        }
+        let max_body = snap.config.proxy.max_body_bytes;
+        if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+            if len.to_str().ok().and_then(|s| s.parse::<u64>().ok()).is_none_or(|n| n > max_body) {
+                snap.count(Some(grant.route), Outcome::Denied(Denial::PayloadTooLarge));
+                return Ok(self.denial(&snap, Denial::PayloadTooLarge, grant.key.as_deref(), true));
+            }
+        }
+        self.forward(&snap, parts, body, grant, conn, watch).await
+    }
+
+    async fn forward(
+        &self,
+        snap: &Snapshot,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        grant: Grant,
+        conn: &ConnInfo,
+        watch: Stopwatch,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let cfg = &snap.config;
+        let target = self.target.load();
+        let uri = match target.uri(&parts.uri) {
+            Ok(u) => u,
+            Err(_) => {
+                snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
+                return Ok(self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false));
+            }
+        };
+        let request_id = self.ids.next();
+        let credential_headers: Vec<&'static HeaderName> = snap.credentials.header_names().collect();
+        forward::request_headers(
+            &mut parts.headers,
+            &Forwarding {
+                credential_headers: &credential_headers,
+                key: grant.key.as_deref(),
+                peer: &conn.peer_header,
+                proto: self.proto,
+                trust_forwarded: cfg.proxy.trust_forwarded,
+                request_id: request_id.clone(),
+            },
+        );
+        if !cfg.upstream.preserve_host {
+            parts.headers.insert(header::HOST, target.host().clone());
+        }
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let fate = Arc::new(BodyFate::default());
+        let body = GuardedBody::new(body, cfg.proxy.max_body_bytes, cfg.proxy.body_timeout, Some(fate.clone()));
+        let req = Request::from_parts(parts, body);
+        let metrics = self.gate.metrics();
+        metrics.overhead_seconds.observe(watch.elapsed().as_secs_f64());
+        let upstream_watch = Stopwatch::start();
+        let result = tokio::time::timeout(cfg.upstream.request_timeout, self.client.request(req)).await;
+        metrics.upstream_seconds.observe(upstream_watch.elapsed().as_secs_f64());
+        let denial = match result {
+            Ok(Ok(resp)) => {
+                snap.count(Some(grant.route), Outcome::Forwarded);
+                let (mut rparts, rbody) = resp.into_parts();
+                // The body is streamed as is, so the upstream's Content-Length stays valid.
+                forward::strip_hop_by_hop(&mut rparts.headers, false);
+                rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
+                if let Some(k) = &grant.key {
+                    rate_headers(&mut rparts.headers, k, grant.rate.as_ref());
+                }
+                return Ok(Response::from_parts(rparts, Either::Left(rbody)));
+            }
+            Ok(Err(e)) => {
+                if fate.too_large() {
+                    Denial::PayloadTooLarge
+                } else if fate.stalled() {
+                    Denial::UpstreamTimeout
+                } else {
+                    tracing::warn!(error = %e, "upstream request failed");
+                    Denial::UpstreamUnavailable
+                }
+            }
+            Err(_) => Denial::UpstreamTimeout,
+        };
+        snap.count(Some(grant.route), Outcome::Denied(denial));
+        let close = denial == Denial::PayloadTooLarge;
+        Ok(self.denial(snap, denial, grant.key.as_deref(), close))
+    }
+
+    /// A denial's response: status, JSON body, and the headers it calls for.
+    pub fn denial(&self, snap: &Snapshot, d: Denial, key: Option<&KeyEntry>, close: bool) -> Response<ProxyBody> {
+        let mut resp = Response::new(Either::Right(Full::new(snap.errors.body(d))));
+        *resp.status_mut() = d.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, JSON.clone());
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match d {
+            Denial::MethodNotAllowed { group } => {
+                h.insert(header::ALLOW, snap.routes.allow(group).clone());
+            }
+            Denial::RateLimited(info) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(info.retry_after_secs));
+            }
+            Denial::TooManyFailedAuth { retry_after_secs } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            _ => {}
+        }
+        if let Some(k) = key {
+            let info = match d {
+                Denial::RateLimited(info) => Some(info),
+                _ => None,
+            };
+            rate_headers(h, k, info.as_ref());
+        }
+        if close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
+    }
+
+    /// The self-service usage answer: the caller's own key, plan, limits and heartbeat.
+    fn usage(&self, grant: &Grant, now: Now) -> Response<ProxyBody> {
+        let Some(k) = &grant.key else {
+            return Response::new(Either::Right(Full::new(Bytes::from_static(b"{}"))));
+        };
+        let usage = &k.usage;
+        let limits: Vec<_> = k
+            .team
+            .limits
+            .specs()
+            .map(|s| serde_json::json!({ "requests": s.requests, "per_seconds": s.per.as_secs_f64(), "burst": s.burst }))
+            .collect();
+        let body = serde_json::json!({
+            "key_id": &*k.key_id,
+            "team": &*k.team.id,
+            "plan": &*k.team.plan,
+            "limits": limits,
+            "remaining": grant.rate.map(|r| r.remaining),
+            "reset_seconds": grant.rate.map(|r| r.reset_secs),
+            "heartbeat_age_seconds": self.gate.heartbeat_age(&k.team.id, now.wall_ms),
+            "heartbeat_required": k.team.heartbeat_required,
+            "key_expires_at": k.expires_at.map(millis_to_rfc3339),
+            "requests": usage.count(),
+            "last_used_at": usage.last_used().map(millis_to_rfc3339),
+        });
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+        resp.headers_mut().insert(header::CONTENT_TYPE, JSON.clone());
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        rate_headers(resp.headers_mut(), k, grant.rate.as_ref());
+        resp
+    }
+}
+
+/// RFC 3339 in UTC, for JSON answers.
+pub fn millis_to_rfc3339(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `RateLimit-Policy`, `RateLimit` (the IETF draft's fields) and `X-RateLimit-*`.
+fn rate_headers(h: &mut http::HeaderMap, k: &KeyEntry, info: Option<&RateInfo>) {
+    let limits = &k.team.limits;
+    h.insert(RATELIMIT_POLICY.clone(), limits.policy_header.clone());
+    if let Some(i) = info {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "\"{}\";r={};t={}",
+            limits.name,
+            i.remaining,
+            if i.remaining == 0 { i.retry_after_secs.max(i.reset_secs) } else { i.reset_secs }
+        )) {
+            h.insert(RATELIMIT.clone(), v);
+        }
+        h.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(i.limit));
+        h.insert(X_RATELIMIT_REMAINING.clone(), HeaderValue::from(i.remaining));
+        h.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(i.reset_secs));
+    }
+}
+
+/// Requests whose framing or target cannot be forwarded safely: HTTP/1.1 without exactly one
+/// valid `Host`, a `Host` with userinfo, or both `Content-Length` and `Transfer-Encoding`
+/// (request smuggling), or several `Content-Length`s. The connection is closed after the 400.
+fn framing_denial(parts: &http::request::Parts) -> Option<Denial> {
+    let h = &parts.headers;
+    if parts.version == http::Version::HTTP_11 || parts.version == http::Version::HTTP_10 {
+        let mut hosts = h.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(host), None) => {
+                let b = host.as_bytes();
+                if b.is_empty() && parts.version == http::Version::HTTP_11 || b.contains(&b'@') {
+                    return Some(Denial::BadRequest);
+                }
+                if host.to_str().ok().and_then(|s| s.parse::<http::uri::Authority>().ok()).is_none() && !b.is_empty() {
+                    return Some(Denial::BadRequest);
+                }
+            }
+            (None, _) if parts.version == http::Version::HTTP_11 => return Some(Denial::BadRequest),
+            (Some(_), Some(_)) => return Some(Denial::BadRequest),
+            _ => {}
+        }
+    }
+    let mut lens = h.get_all(header::CONTENT_LENGTH).iter();
+    let first_len = lens.next();
+    if lens.next().is_some() || (first_len.is_some() && h.contains_key(header::TRANSFER_ENCODING)) {
+        return Some(Denial::BadRequest);
+    }
+    if parts.uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some(Denial::BadRequest);
+    }
+    None
+}
+

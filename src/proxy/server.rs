@@ -1,0 +1,252 @@
+//! The accept loop and connection lifecycle.
+//!
+//! A semaphore caps open connections (past the cap, clients wait in the kernel's backlog);
+//! accept errors such as EMFILE back off instead of spinning. Each connection is served by
+//! hyper-util's HTTP/1 + HTTP/2 builder with a timer, header and HTTP/2 limits set explicitly.
+//!
+//! The drain is hand-rolled rather than hyper-util's `GracefulShutdown` because each connection
+//! also needs an idle watchdog (the auto builder never closes an idle keep-alive connection),
+//! and both have to call `graceful_shutdown` on the same pinned connection.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+
+use super::{ConnInfo, Proxy};
+use crate::config::ProxyConfig;
+
+/// Connection limits and timeouts of the listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+}
+
+impl From<&ProxyConfig> for Limits {
+    fn from(c: &ProxyConfig) -> Self {
+        Limits {
+            max_connections: c.max_connections,
+            header_read_timeout: c.header_read_timeout,
+            idle_timeout: c.idle_timeout,
+            drain_timeout: c.drain_timeout,
+            max_header_bytes: c.max_header_bytes,
+            max_headers: c.max_headers,
+        }
+    }
+}
+
+/// Builds the connection builder with every limit set explicitly.
+pub fn builder(l: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(l.header_read_timeout)
+        .keep_alive(true)
+        // hyper's minimum buffer is 8 KiB; the header budget bounds it from above.
+        .max_buf_size(l.max_header_bytes.max(8192))
+        .max_headers(l.max_headers);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(100)
+        // Rapid reset (CVE-2023-44487) and error-reset floods.
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(256))
+        // CONTINUATION floods are bounded by the header list size.
+        .max_header_list_size(l.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+/// Tracks live connections so a drain can wait for them.
+#[derive(Debug, Default)]
+struct Live {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+impl Live {
+    fn enter(self: &Arc<Self>) -> LiveGuard {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(self.clone())
+    }
+}
+
+struct LiveGuard(Arc<Live>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+/// Wraps accepted streams (plain TCP, or TLS later) into something hyper can serve.
+pub trait Acceptor: Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self, stream: tokio::net::TcpStream) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+/// Plain TCP.
+#[derive(Debug, Clone, Copy)]
+pub struct Plain;
+
+impl Acceptor for Plain {
+    type Io = tokio::net::TcpStream;
+    async fn accept(&self, stream: tokio::net::TcpStream) -> std::io::Result<Self::Io> {
+        Ok(stream)
+    }
+}
+
+/// Serves `listener` until `shutdown` turns true, then drains for at most the drain timeout.
+pub async fn serve<A: Acceptor>(
+    listener: TcpListener,
+    acceptor: Arc<A>,
+    proxy: Arc<Proxy>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let semaphore = Arc::new(Semaphore::new(limits.max_connections));
+    let live = Arc::new(Live::default());
+    let builder = Arc::new(builder(&limits));
+    let metrics = proxy.gate.metrics().clone();
+    loop {
+        let permit = tokio::select! {
+            _ = crate::server::stopped(&mut shutdown) => break,
+            p = semaphore.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = crate::server::stopped(&mut shutdown) => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let guard = live.enter();
+        let proxy = proxy.clone();
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        let idle = limits.idle_timeout;
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            metrics.connections.inc();
+            metrics.open_connections.inc();
+            if let Ok(io) = acceptor.accept(stream).await {
+                connection(io, peer, proxy, &builder, idle, shutdown).await;
+            }
+            metrics.open_connections.dec();
+            drop(guard);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Drain: wait for live connections, at most the drain timeout.
+    let wait = async {
+        loop {
+            let notified = live.zero.notified();
+            if live.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    };
+    if tokio::time::timeout(limits.drain_timeout, wait).await.is_err() {
+        tracing::warn!(
+            open = live.count.load(Ordering::Acquire),
+            "drain timeout reached; closing remaining connections"
+        );
+    }
+}
+
+/// Activity of one connection, for its idle watchdog.
+#[derive(Debug, Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// Milliseconds since the connection started, at the last request's end.
+    last_ms: AtomicI64,
+}
+
+struct InFlight<'a>(&'a Activity, tokio::time::Instant);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.last_ms.store(self.1.elapsed().as_millis() as i64, Ordering::Release);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn connection<I>(
+    io: I,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    builder: &auto::Builder<TokioExecutor>,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(ConnInfo::new(peer));
+    let activity = Arc::new(Activity::default());
+    let started = tokio::time::Instant::now();
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let info = info.clone();
+            let activity = activity.clone();
+            async move {
+                activity.in_flight.fetch_add(1, Ordering::AcqRel);
+                let _g = InFlight(&activity, started);
+                proxy.handle(req, &info).await
+            }
+        })
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    let mut tick = tokio::time::interval_at(started + idle / 2, idle / 2);
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = crate::server::stopped(&mut shutdown), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick(), if !draining => {
+                let quiet = started.elapsed().as_millis() as i64 - activity.last_ms.load(Ordering::Acquire);
+                if activity.in_flight.load(Ordering::Acquire) == 0 && quiet >= idle.as_millis() as i64 {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! Wiring: builds the gate, proxy and admin listener for a config and runs them on listeners it
+//! is given, until a shutdown signal; then drains and flushes state.
+//!
+//! [`Server::run`] takes bound listeners and a shutdown receiver, so tests and the demo bind
+//! `127.0.0.1:0` themselves, and the binary maps signals onto the same receiver.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::gate::Gate;
+use crate::metrics::Metrics;
+use crate::proxy::server::{serve, Limits, Plain};
+use crate::proxy::Proxy;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{KeyStore, NoStore, StateStore, StoreError, StoredKey, StoredTeam};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// How to run: the clock (manual in tests), the metrics registry, and where the config came
+/// from (for reloads).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub clock: Clock,
+    pub metrics: Metrics,
+    pub config_path: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            clock: Clock::system(),
+            metrics: Metrics::standalone(),
+            config_path: None,
+        }
+    }
+}
+
+/// The file name of the SQLite store inside `state.dir`.
+pub const STORE_FILE: &str = "keygate.db";
+
+/// Stands in for the store when it could not be opened: every lookup fails, so uncached keys
+/// are refused with 503 (fail closed) instead of 401.
+#[derive(Debug)]
+struct Broken(String);
+
+impl KeyStore for Broken {
+    fn find_key(&self, _: &[u8; 32]) -> Result<Option<StoredKey>, StoreError> {
+        Err(StoreError::Unavailable(self.0.clone()))
+    }
+    fn find_team(&self, _: &str) -> Result<Option<StoredTeam>, StoreError> {
+        Err(StoreError::Unavailable(self.0.clone()))
+    }
+}
+
+/// A running keygate's parts.
+pub struct Server {
+    pub gate: Arc<Gate>,
+    pub proxy: Arc<Proxy>,
+    /// The SQLite store, when `state.dir` is set and it opened.
+    pub store: Option<Arc<SqliteStore>>,
+    state: Arc<dyn StateStore>,
+    config_path: Option<PathBuf>,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("config_path", &self.config_path).finish_non_exhaustive()
+    }
+}
+
+/// Opens the store of a config's state directory.
+pub fn open_store(dir: &Path) -> Result<SqliteStore, StoreError> {
+    SqliteStore::open(&dir.join(STORE_FILE))
+}
+
+impl Server {
+    /// Builds everything for a validated config; restores persisted heartbeats.
+    pub fn new(config: Config, opts: Options) -> Server {
+        let config = Arc::new(config);
+        let (store, keys, state): (Option<Arc<SqliteStore>>, Arc<dyn KeyStore>, Arc<dyn StateStore>) =
+            match config.state_dir() {
+                None => (None, Arc::new(NoStore), Arc::new(NoStore)),
+                Some(dir) => match open_store(dir) {
+                    Ok(s) => {
+                        let s = Arc::new(s);
+                        (Some(s.clone()), s.clone(), s)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, dir = %dir.display(),
+                            "cannot open the state store; heartbeats and usage stay in memory, uncached keys get 503");
+                        opts.metrics.state_write_errors.inc();
+                        (None, Arc::new(Broken(e.to_string())), Arc::new(NoStore))
+                    }
+                },
+            };
+        let gate = Arc::new(Gate::new(config, keys, opts.clock.clone(), opts.metrics.clone()));
+        match state.load_heartbeats() {
+            Ok(beats) => gate.heartbeats.restore(beats),
+            Err(e) => tracing::error!(error = %e, "cannot load heartbeats; starting with none"),
+        }
+        let proxy = Arc::new(Proxy::new(gate.clone(), false));
+        Server {
+            gate,
+            proxy,
+            store,
+            state,
+            config_path: opts.config_path,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the proxy is accepting and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Re-reads the config file and swaps it in if valid; the old config keeps serving if not.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let Some(path) = &self.config_path else {
+            return Err(ConfigError::Invalid(vec!["no config file to reload from".into()]));
+        };
+        let metrics = self.gate.metrics();
+        match Config::load(path) {
+            Ok(c) => {
+                self.apply(c);
+                metrics.reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(path = %path.display(), "config reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                metrics.reloads.with_label_values(&["refused"]).inc();
+                tracing::error!(path = %path.display(), error = %e, "config reload refused; the old config keeps serving");
+                Err(e)
+            }
+        }
+    }
+
+    /// Swaps in a validated config (listener addresses and worker counts apply on restart).
+    pub fn apply(&self, config: Config) {
+        self.gate.reload(Arc::new(config));
+        self.proxy.reloaded();
+    }
+
+    /// Writes dirty heartbeats and pending usage to the state store. Failures are counted and
+    /// logged, and the data stays in memory for the next try.
+    pub fn flush(&self) {
+        if let Some(beats) = self.gate.heartbeats.take_dirty() {
+            if let Err(e) = self.state.save_heartbeats(&beats) {
+                self.gate.heartbeats.mark_dirty();
+                self.gate.metrics().state_write_errors.inc();
+                tracing::error!(error = %e, "cannot persist heartbeats; kept in memory, will retry");
+            }
+        }
+        let usage = self.gate.usage.pending();
+        if !usage.is_empty() {
+            match self.state.add_usage(&usage) {
+                Ok(()) => self.gate.usage.commit(&usage),
+                Err(e) => {
+                    self.gate.metrics().state_write_errors.inc();
+                    tracing::error!(error = %e, "cannot persist key usage; kept in memory, will retry");
+                }
+            }
+        }
+    }
+
+    /// Updates the gauges that are read, not counted.
+    pub fn refresh_gauges(&self) {
+        let m = self.gate.metrics();
+        let snap = self.gate.snapshot();
+        let now = self.gate.clock().now().wall_ms;
+        m.stale_teams
+            .set(self.gate.heartbeats.stale(now, snap.heartbeat_window_ms) as i64);
+        m.cache_entries.set(self.gate.cache_counts().0 as i64);
+        m.limiter_buckets.set(self.gate.limiters.buckets() as i64);
+    }
+
+    /// Serves until `shutdown` turns true; then drains the proxy, flushes state and returns.
+    pub async fn run(
+        self: Arc<Self>,
+        proxy_listener: TcpListener,
+        admin_listener: TcpListener,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        let snap = self.gate.snapshot();
+        let limits = Limits::from(&snap.config.proxy);
+        let usage_every = snap.config.keys.usage_flush_interval;
+        drop(snap);
+        let admin = tokio::spawn(crate::admin::serve(admin_listener, self.clone(), shutdown.clone()));
+        let background = tokio::spawn(self.clone().background(usage_every, shutdown.clone()));
+        self.ready.store(true, Ordering::Release);
+        serve(proxy_listener, Arc::new(Plain), self.proxy.clone(), limits, shutdown.clone()).await;
+        self.ready.store(false, Ordering::Release);
+        let _ = background.await;
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.flush()).await;
+        let _ = admin.await;
+        tracing::info!("stopped");
+    }
+
+    /// Periodic work: heartbeats are flushed within a quarter second, usage per interval, idle
+    /// rate-limit buckets pruned every minute.
+    async fn background(self: Arc<Self>, usage_every: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut beat_tick = tokio::time::interval(Duration::from_millis(250));
+        let mut usage_tick = tokio::time::interval(usage_every);
+        let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = crate::server::stopped(&mut shutdown) => return,
+                _ = beat_tick.tick() => {
+                    if let Some(beats) = self.gate.heartbeats.take_dirty() {
+                        let this = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || {
+                            if let Err(e) = this.state.save_heartbeats(&beats) {
+                                this.gate.heartbeats.mark_dirty();
+                                this.gate.metrics().state_write_errors.inc();
+                                tracing::error!(error = %e, "cannot persist heartbeats; kept in memory, will retry");
+                            }
+                        }).await;
+                    }
+                }
+                _ = usage_tick.tick() => {
+                    let this = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || this.flush()).await;
+                }
+                _ = prune_tick.tick() => {
+                    let kept = self.gate.prune();
+                    self.gate.metrics().limiter_buckets.set(kept as i64);
+                }
+            }
+        }
+    }
+}
+
+/// Binds the configured listeners.
+pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ServerError> {
+    let p = TcpListener::bind(config.proxy.listen).await.map_err(|source| ServerError::Bind {
+        addr: config.proxy.listen,
+        source,
+    })?;
+    let a = TcpListener::bind(config.admin.listen).await.map_err(|source| ServerError::Bind {
+        addr: config.admin.listen,
+        source,
+    })?;
+    Ok((p, a))
+}
+
+/// Resolves once `shutdown` has turned true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
