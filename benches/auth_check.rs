@@ -1,1 +1,208 @@
-fn main(){}
+//! The hot path: `Gate::check` on a cache hit with 10,000 keys, beside its floor (SHA-256 of the
+//! key + a plain `HashMap` get + one governor keyed check) in the same run, on one thread and on
+//! two. Prints the ratios and the allocations per check after the criterion groups.
+//!
+//! `cargo bench --bench auth_check`
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, Criterion, Throughput};
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderValue, Method};
+use keygate::clock::Clock;
+use keygate::config::Config;
+use keygate::gate::{Check, Gate, RequestHead};
+use keygate::metrics::Metrics;
+use keygate::store::NoStore;
+use sha2::{Digest, Sha256};
+
+/// Passes through to the system allocator except while a dhat profiler runs (the allocation
+/// count at the end), so the timings are not disturbed.
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+const KEYS: usize = 10_000;
+
+fn key(i: usize) -> String {
+    format!("sk_live_benchkey_{i:022}")
+}
+
+fn gate() -> Arc<Gate> {
+    let mut toml = String::from(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[heartbeat]\nrequired = false\n\
+         [plans.bench]\nlimits = [{ requests = 1000000000, per = \"1s\" }]\n[[routes]]\npath = \"/*\"\n",
+    );
+    for i in 0..KEYS {
+        let d = hex::encode(Sha256::digest(key(i).as_bytes()));
+        toml.push_str(&format!(
+            "[[teams]]\nid = \"team{i}\"\nplan = \"bench\"\nkeys = [{{ id = \"k{i}\", sha256 = \"{d}\" }}]\n"
+        ));
+    }
+    let config = Arc::new(Config::from_toml(&toml).expect("bench config"));
+    let gate = Arc::new(Gate::new(config, Arc::new(NoStore), Clock::system(), Metrics::standalone()));
+    // Warm the cache: every key loaded once.
+    for h in headers() {
+        let head = head(&h);
+        let snap = gate.snapshot();
+        if let Check::Lookup(d) = gate.check(&snap, &head, gate.clock().now()) {
+            gate.load(&d).expect("declared key");
+        }
+    }
+    gate
+}
+
+fn headers() -> Vec<HeaderMap> {
+    (0..KEYS).map(|i| request(&HeaderValue::from_str(&key(i)).unwrap())).collect()
+}
+
+/// The key header values, one per key.
+fn values() -> Vec<HeaderValue> {
+    (0..KEYS).map(|i| HeaderValue::from_str(&key(i)).unwrap()).collect()
+}
+
+/// A request head as a client sends it.
+fn request(key: &HeaderValue) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("api.example"));
+    h.insert("accept", HeaderValue::from_static("application/json"));
+    h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
+    h.insert("x-api-key", key.clone());
+    h
+}
+
+static GET: Method = Method::GET;
+
+fn head(h: &HeaderMap) -> RequestHead<'_> {
+    RequestHead {
+        method: &GET,
+        path: "/api/x",
+        headers: h,
+        peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+    }
+}
+
+/// One `Gate::check`, as the proxy makes it: load the snapshot, read the clock, decide.
+#[inline]
+fn gate_check(gate: &Gate, h: &HeaderMap) -> bool {
+    let snap = gate.snapshot();
+    let now = gate.clock().now();
+    matches!(gate.check(&snap, &head(h), now), Check::Granted(_))
+}
+
+/// The floor: what any gateway must do at least — read the key header, hash it, find it in a
+/// map, take a token.
+struct Floor {
+    map: HashMap<[u8; 32], Arc<str>>,
+    limiter: governor::DefaultKeyedRateLimiter<Arc<str>>,
+}
+
+impl Floor {
+    fn new() -> Floor {
+        let map = (0..KEYS)
+            .map(|i| (Sha256::digest(key(i).as_bytes()).into(), Arc::<str>::from(format!("team{i}"))))
+            .collect();
+        Floor {
+            map,
+            limiter: RateLimiter::keyed(Quota::per_second(NonZeroU32::new(1_000_000_000).unwrap())),
+        }
+    }
+
+    #[inline]
+    fn check(&self, h: &HeaderMap) -> bool {
+        let Some(k) = h.get("x-api-key") else { return false };
+        let d: [u8; 32] = Sha256::digest(k.as_bytes()).into();
+        match self.map.get(&d) {
+            Some(team) => self.limiter.check_key(team).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Spreads successive iterations over the keys.
+#[inline]
+fn pick(n: u64) -> usize {
+    (n.wrapping_mul(7919) % KEYS as u64) as usize
+}
+
+/// Runs `per_thread` checks on each of `threads` threads, each thread with one request head
+/// whose key is swapped per request (hot, as a just-parsed request is); returns the wall time.
+fn parallel<F: Fn(&HeaderMap) -> bool + Sync>(threads: usize, per_thread: u64, vals: &[HeaderValue], f: &F) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                let base = t as u64 * 1_000_003;
+                let mut h = request(&vals[0]);
+                for n in 0..per_thread {
+                    h.insert("x-api-key", vals[pick(base + n)].clone());
+                    black_box(f(&h));
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn bench(c: &mut Criterion) {
+    let gate = gate();
+    let vals = values();
+    let floor = Floor::new();
+    let mut g = c.benchmark_group("auth_check");
+    g.throughput(Throughput::Elements(1));
+    for threads in [1usize, 2] {
+        g.bench_function(format!("floor_{threads}_threads"), |b| {
+            // Wall time for all threads' work, so the per-element figure is throughput.
+            b.iter_custom(|iters| parallel(threads, iters.div_ceil(threads as u64), &vals, &|h| floor.check(h)))
+        });
+        g.bench_function(format!("gate_check_hit_{threads}_threads"), |b| {
+            b.iter_custom(|iters| parallel(threads, iters.div_ceil(threads as u64), &vals, &|h| gate_check(&gate, h)))
+        });
+    }
+    g.finish();
+}
+
+/// Ratios from one run, measured with the same loops so they print in one place.
+fn summary() {
+    let gate = gate();
+    let vals = values();
+    let floor = Floor::new();
+    let rounds: u64 = if std::env::args().any(|a| a == "--bench") { 3_000_000 } else { 2_000 };
+    let per_s = |threads: usize, d: Duration| (threads as u64 * rounds) as f64 / d.as_secs_f64();
+    let floor_1 = per_s(1, parallel(1, rounds, &vals, &|h| floor.check(h)));
+    let gate_1 = per_s(1, parallel(1, rounds, &vals, &|h| gate_check(&gate, h)));
+    let floor_2 = per_s(2, parallel(2, rounds, &vals, &|h| floor.check(h)));
+    let gate_2 = per_s(2, parallel(2, rounds, &vals, &|h| gate_check(&gate, h)));
+    let k = 10_000u64;
+    let allocs = {
+        let hs = headers();
+        let _profiler = dhat::Profiler::builder().testing().build();
+        let before = dhat::HeapStats::get().total_blocks;
+        for i in 0..k {
+            black_box(gate_check(&gate, &hs[pick(i)]));
+        }
+        (dhat::HeapStats::get().total_blocks - before) as f64 / k as f64
+    };
+    println!(
+        "summary: floor {:.0} ns, gate_check hit {:.0} ns: gate/floor {:.2} (target <= 3.0); \
+         2 threads vs 1: gate {:.2}x (target >= 1.7), floor {:.2}x; allocations per check {:.2}",
+        1e9 / floor_1,
+        1e9 / gate_1,
+        floor_1 / gate_1,
+        gate_2 / gate_1,
+        floor_2 / floor_1,
+        allocs
+    );
+}
+
+criterion_group!(benches, bench);
+
+fn main() {
+    benches();
+    summary();
+    criterion::Criterion::default().configure_from_args().final_summary();
+}

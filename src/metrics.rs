@@ -4,7 +4,67 @@
 //! `main` (or a test) makes the `Registry` and passes it in, so each instance's metrics can be
 //! read on their own.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+const STRIPES: usize = 8;
+
+/// One cache line per stripe, so threads counting at once never share a line.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+struct Stripe(AtomicU64);
+
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static MY_STRIPE: usize = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+}
+
+/// A per-request counter split into per-thread stripes and folded into its Prometheus counter
+/// when metrics are rendered (and when it is dropped). A plain `IntCounter` is one atomic that
+/// every worker thread writes on every request.
+#[derive(Debug)]
+pub struct Striped {
+    stripes: [Stripe; STRIPES],
+    synced: Mutex<u64>,
+    counter: IntCounter,
+}
+
+impl Striped {
+    fn new(counter: IntCounter) -> Self {
+        Striped {
+            stripes: Default::default(),
+            synced: Mutex::new(0),
+            counter,
+        }
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        let i = MY_STRIPE.with(|i| *i);
+        self.stripes[i].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count so far.
+    pub fn get(&self) -> u64 {
+        self.stripes.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+    }
+
+    fn sync(&self) {
+        let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        let total = self.get();
+        self.counter.inc_by(total.saturating_sub(*synced));
+        *synced = total.max(*synced);
+    }
+}
+
+impl Drop for Striped {
+    fn drop(&mut self) {
+        self.sync();
+    }
+}
 
 /// Every metric keygate exports.
 #[derive(Debug, Clone)]
@@ -19,7 +79,7 @@ pub struct Metrics {
     pub overhead_seconds: Histogram,
     /// `keygate_key_cache_requests_total{result}`: hit, negative_hit, miss.
     pub cache: IntCounterVec,
-    pub cache_hit: IntCounter,
+    pub cache_hit: Arc<Striped>,
     pub cache_negative_hit: IntCounter,
     pub cache_miss: IntCounter,
     /// `keygate_store_lookups_total`
@@ -40,6 +100,7 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// `keygate_state_write_errors_total`
     pub state_write_errors: IntCounter,
+    striped: Arc<Mutex<Vec<Weak<Striped>>>>,
 }
 
 impl Metrics {
@@ -70,8 +131,12 @@ impl Metrics {
             Opts::new("keygate_key_cache_requests_total", "Key cache lookups by result."),
             &["result"],
         )?;
+        let striped = Arc::new(Mutex::new(Vec::new()));
+        let cache_hit = Arc::new(Striped::new(cache.with_label_values(&["hit"])));
+        striped.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&cache_hit));
         let m = Metrics {
-            cache_hit: cache.with_label_values(&["hit"]),
+            striped,
+            cache_hit,
             cache_negative_hit: cache.with_label_values(&["negative_hit"]),
             cache_miss: cache.with_label_values(&["miss"]),
             cache,
@@ -120,11 +185,54 @@ impl Metrics {
         Metrics::new(Registry::new()).unwrap_or_else(|e| unreachable!("fresh registry: {e}"))
     }
 
+    /// A striped counter over `counter`, folded in on every render.
+    pub fn striped(&self, counter: IntCounter) -> Arc<Striped> {
+        let s = Arc::new(Striped::new(counter));
+        let mut all = self.striped.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|w| w.strong_count() > 0);
+        all.push(Arc::downgrade(&s));
+        s
+    }
+
+    /// Folds every striped counter into its Prometheus counter.
+    pub fn sync(&self) {
+        let all: Vec<Arc<Striped>> = {
+            let mut all = self.striped.lock().unwrap_or_else(|e| e.into_inner());
+            all.retain(|w| w.strong_count() > 0);
+            all.iter().filter_map(Weak::upgrade).collect()
+        };
+        for s in all {
+            s.sync();
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         use prometheus::Encoder;
+        self.sync();
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn striped_counts_reach_prometheus_on_render_and_on_drop() {
+        let m = Metrics::standalone();
+        let c = m.striped(m.requests.with_label_values(&["r", "forwarded"]));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| (0..1000).for_each(|_| c.inc()));
+            }
+        });
+        assert_eq!(c.get(), 4000);
+        assert!(m.render().contains("keygate_requests_total{outcome=\"forwarded\",route=\"r\"} 4000"));
+        c.inc();
+        drop(c);
+        assert!(m.render().contains("keygate_requests_total{outcome=\"forwarded\",route=\"r\"} 4001"));
     }
 }

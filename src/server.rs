@@ -192,7 +192,7 @@ impl Server {
         m.stale_teams
             .set(self.gate.heartbeats.stale(now, snap.heartbeat_window_ms) as i64);
         m.cache_entries.set(self.gate.cache_counts().0 as i64);
-        m.limiter_buckets.set(self.gate.limiters.buckets() as i64);
+        m.limiter_buckets.set(self.gate.limiters.len() as i64);
     }
 
     /// Serves until `shutdown` turns true; then drains the proxy, flushes state and returns.

@@ -1,18 +1,25 @@
-//! Plan limits: governor GCRA buckets, one keyed limiter per distinct quota.
+//! Plan limits: governor GCRA buckets, one per (quota, team or key).
 //!
-//! The [`LimiterRegistry`] lives outside config snapshots and the key cache, so a reload that
-//! keeps a quota keeps its buckets, and a cache eviction never hands a team a fresh bucket.
-//! Governor has no per-key quotas (its issue #193), hence one limiter per distinct [`LimitSpec`];
-//! its keyed state only shrinks through `retain_recent`, which [`LimiterRegistry::prune`] runs.
+//! Each bucket is a governor *direct* limiter owned by the [`LimiterRegistry`], found by
+//! (quota, key) on a cache miss and then held by the cached key entry, so the per-request check
+//! is one compare-and-swap on that bucket's own atomic. (The first design used one governor
+//! keyed limiter per quota; its DashMap shard locks were shared between threads on every check
+//! and the hot path stopped scaling with cores — see BENCHMARKS.md.)
+//!
+//! The registry lives outside config snapshots and the key cache: a reload that keeps a quota
+//! keeps its buckets, and a cache eviction never hands a team a fresh bucket. [`LimiterRegistry::prune`]
+//! drops a bucket only when no cached entry holds it and it has been idle long enough to have
+//! refilled completely — so dropping it changes nothing a client could observe.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::nanos::Nanos;
-use governor::state::keyed::DefaultKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::HeaderValue;
 
@@ -20,14 +27,15 @@ use super::denial::RateInfo;
 use crate::clock::Clock;
 use crate::config::LimitSpec;
 
-/// A limiter keyed by team or key id.
-pub type KeyedLimiter = RateLimiter<Arc<str>, DefaultKeyedStateStore<Arc<str>>, Clock, StateInformationMiddleware>;
+type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
-/// All limiters, by quota.
+/// One token bucket.
 #[derive(Debug)]
-pub struct LimiterRegistry {
-    clock: Clock,
-    limiters: Mutex<HashMap<LimitSpec, Arc<KeyedLimiter>>>,
+pub struct Bucket {
+    spec: LimitSpec,
+    limiter: Direct,
+    /// Monotonic nanoseconds of the last check, for pruning.
+    last_used: AtomicU64,
 }
 
 fn quota(spec: &LimitSpec) -> Quota {
@@ -38,34 +46,47 @@ fn quota(spec: &LimitSpec) -> Quota {
         .allow_burst(burst)
 }
 
+/// All buckets, by (quota, team or key id).
+#[derive(Debug)]
+pub struct LimiterRegistry {
+    clock: Clock,
+    buckets: Mutex<HashMap<(LimitSpec, Arc<str>), Arc<Bucket>>>,
+}
+
 impl LimiterRegistry {
     pub fn new(clock: Clock) -> Self {
         LimiterRegistry {
             clock,
-            limiters: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The limiter for a quota, made on first use.
-    pub fn get(&self, spec: &LimitSpec) -> Arc<KeyedLimiter> {
-        let mut map = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(*spec)
-            .or_insert_with(|| {
-                Arc::new(
-                    RateLimiter::<_, _, _, NoOpMiddleware<Nanos>>::new(
-                        quota(spec),
-                        DefaultKeyedStateStore::default(),
-                        self.clock.clone(),
-                    )
-                    .with_middleware::<StateInformationMiddleware>(),
-                )
+    /// The buckets of `key` under `set`'s limits, made on first use.
+    pub fn buckets(&self, set: &LimitSet, key: &Arc<str>) -> Box<[Arc<Bucket>]> {
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        set.specs
+            .iter()
+            .map(|spec| {
+                map.entry((*spec, key.clone()))
+                    .or_insert_with(|| {
+                        Arc::new(Bucket {
+                            spec: *spec,
+                            limiter: RateLimiter::<_, _, _, NoOpMiddleware<Nanos>>::new(
+                                quota(spec),
+                                InMemoryState::default(),
+                                self.clock.clone(),
+                            )
+                            .with_middleware::<StateInformationMiddleware>(),
+                            last_used: AtomicU64::new(0),
+                        })
+                    })
+                    .clone()
             })
-            .clone()
+            .collect()
     }
 
     /// A named set of limits (a plan, or a team's custom limits).
     pub fn set(&self, name: &str, specs: &[LimitSpec]) -> Arc<LimitSet> {
-        let limits: Vec<_> = specs.iter().map(|s| (*s, self.get(s))).collect();
         let policy = specs
             .iter()
             .enumerate()
@@ -78,80 +99,88 @@ impl LimiterRegistry {
         Arc::new(LimitSet {
             name: name.into(),
             policy_header: HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("")),
-            limits,
+            specs: specs.to_vec(),
         })
     }
 
-    /// Drops idle buckets (those that have fully refilled) and limiters no snapshot uses.
+    /// Drops buckets that no cached key holds and that have been idle long enough to be full
+    /// again. Returns the buckets kept.
     pub fn prune(&self) -> usize {
-        let mut map = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, l| Arc::strong_count(l) > 1);
-        let mut live = 0;
-        for l in map.values() {
-            l.retain_recent();
-            l.shrink_to_fit();
-            live += l.len();
-        }
-        live
+        let now = self.clock.monotonic().as_nanos() as u64;
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|(spec, _), b| {
+            let refill = (spec.per.as_nanos() as u64 / spec.requests.max(1) as u64).saturating_mul(spec.burst as u64);
+            let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
+            Arc::strong_count(b) > 1 || idle <= refill
+        });
+        map.shrink_to_fit();
+        map.len()
     }
 
-    /// Buckets held across all limiters.
-    pub fn buckets(&self) -> usize {
-        let map = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().map(|l| l.len()).sum()
+    /// Buckets held.
+    pub fn len(&self) -> usize {
+        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
-/// The limits of one plan or team, checked together.
+/// The limits of one plan or team.
 #[derive(Debug)]
 pub struct LimitSet {
     pub name: Arc<str>,
     /// `RateLimit-Policy` for this set, rendered once.
     pub policy_header: HeaderValue,
-    limits: Vec<(LimitSpec, Arc<KeyedLimiter>)>,
+    specs: Vec<LimitSpec>,
 }
 
 impl LimitSet {
     pub fn specs(&self) -> impl Iterator<Item = &LimitSpec> {
-        self.limits.iter().map(|(s, _)| s)
+        self.specs.iter()
     }
+}
 
-    /// Takes one request from every bucket of `key`. `Ok` with the most constrained state, or
-    /// `Err` with the state of the first limit that refused.
-    ///
-    /// With several limits a refusal by a later one does not give back the token an earlier one
-    /// took: governor has no rollback, and a client over one limit is close to the others.
-    pub fn check(&self, key: &Arc<str>) -> Result<Option<RateInfo>, RateInfo> {
-        let mut tightest: Option<RateInfo> = None;
-        for (spec, limiter) in &self.limits {
-            let interval = spec.per.as_secs_f64() / spec.requests as f64;
-            match limiter.check_key(key) {
-                Ok(state) => {
-                    let remaining = state.remaining_burst_capacity();
-                    let info = RateInfo {
-                        limit: spec.requests,
-                        remaining,
-                        reset_secs: (interval * (spec.burst - remaining.min(spec.burst)) as f64).ceil() as u64,
-                        retry_after_secs: 0,
-                    };
-                    if tightest.is_none_or(|t| info.remaining < t.remaining) {
-                        tightest = Some(info);
-                    }
-                }
-                Err(not_until) => {
-                    let wait = not_until.wait_time_from(governor::clock::Clock::now(limiter.clock()));
-                    let retry = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                    return Err(RateInfo {
-                        limit: spec.requests,
-                        remaining: 0,
-                        reset_secs: (interval * spec.burst as f64).ceil() as u64,
-                        retry_after_secs: retry.max(1),
-                    });
+/// Takes one request from each bucket. `Ok` with the most constrained state (`None` with no
+/// limits), or `Err` with the state of the first limit that refused.
+///
+/// With several limits a refusal by a later one does not give back the token an earlier one
+/// took: governor has no rollback, and a client over one limit is close to the others.
+#[inline]
+pub fn check(buckets: &[Arc<Bucket>], clock: &Clock) -> Result<Option<RateInfo>, RateInfo> {
+    let mut tightest: Option<RateInfo> = None;
+    for b in buckets {
+        let spec = &b.spec;
+        let interval = spec.per.as_secs_f64() / spec.requests as f64;
+        let result = b.limiter.check();
+        b.last_used.store(clock.monotonic().as_nanos() as u64, Ordering::Relaxed);
+        match result {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity();
+                let info = RateInfo {
+                    limit: spec.requests,
+                    remaining,
+                    reset_secs: (interval * (spec.burst - remaining.min(spec.burst)) as f64).ceil() as u64,
+                    retry_after_secs: 0,
+                };
+                if tightest.is_none_or(|t| info.remaining < t.remaining) {
+                    tightest = Some(info);
                 }
             }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(clock));
+                let retry = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                return Err(RateInfo {
+                    limit: spec.requests,
+                    remaining: 0,
+                    reset_secs: (interval * spec.burst as f64).ceil() as u64,
+                    retry_after_secs: retry.max(1),
+                });
+            }
         }
-        Ok(tightest)
     }
+    Ok(tightest)
 }
 
 #[cfg(test)]
@@ -171,21 +200,21 @@ mod tests {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set("free", &[spec(100, 3600, 100)]);
-        let team: Arc<str> = "t".into();
+        let team = reg.buckets(&set, &"t".into());
         for i in 0..100 {
-            let info = set.check(&team).unwrap().unwrap();
+            let info = check(&team, &clock).unwrap().unwrap();
             assert_eq!(info.remaining, 99 - i);
             assert_eq!(info.limit, 100);
         }
-        let denied = set.check(&team).unwrap_err();
+        let denied = check(&team, &clock).unwrap_err();
         assert_eq!(denied.retry_after_secs, 36);
         clock.advance(Duration::from_secs(35));
-        assert!(set.check(&team).is_err());
+        assert!(check(&team, &clock).is_err());
         clock.advance(Duration::from_secs(1));
-        assert_eq!(set.check(&team).unwrap().unwrap().remaining, 0);
-        assert!(set.check(&team).is_err());
+        assert_eq!(check(&team, &clock).unwrap().unwrap().remaining, 0);
+        assert!(check(&team, &clock).is_err());
         // Another team has its own bucket.
-        assert!(set.check(&"u".into()).is_ok());
+        assert!(check(&reg.buckets(&set, &"u".into()), &clock).is_ok());
     }
 
     #[test]
@@ -193,33 +222,45 @@ mod tests {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set("basic", &[spec(100, 60, 20)]);
-        let k: Arc<str> = "k".into();
-        let passed = (0..50).filter(|_| set.check(&k).is_ok()).count();
+        let k = reg.buckets(&set, &"k".into());
+        let passed = (0..50).filter(|_| check(&k, &clock).is_ok()).count();
         assert_eq!(passed, 20);
         clock.advance(Duration::from_millis(600));
-        assert!(set.check(&k).is_ok(), "one token per 0.6 s");
-        assert!(set.check(&k).is_err());
+        assert!(check(&k, &clock).is_ok(), "one token per 0.6 s");
+        assert!(check(&k, &clock).is_err());
     }
 
     #[test]
-    fn same_quota_shares_buckets_across_sets_and_prune_keeps_them() {
+    fn the_tightest_of_several_limits_is_reported() {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let a = reg.set("pro", &[spec(2, 3600, 2)]);
-        let b = reg.set("pro", &[spec(2, 3600, 2)]);
-        let k: Arc<str> = "t".into();
-        a.check(&k).unwrap();
-        b.check(&k).unwrap();
-        assert!(a.check(&k).is_err(), "a reload's new set sees the old bucket");
-        reg.prune();
-        assert!(b.check(&k).is_err(), "a used bucket survives pruning");
-        assert_eq!(reg.buckets(), 1);
-        clock.advance(Duration::from_secs(7200));
-        reg.prune();
-        assert_eq!(reg.buckets(), 0, "a refilled bucket is reclaimed");
+        let set = reg.set("ent", &[spec(1000, 3600, 1000), spec(10, 60, 2)]);
+        let k = reg.buckets(&set, &"k".into());
+        assert_eq!(check(&k, &clock).unwrap().unwrap().remaining, 1);
+        assert_eq!(check(&k, &clock).unwrap().unwrap().remaining, 0);
+        let denied = check(&k, &clock).unwrap_err();
+        assert_eq!(denied.limit, 10);
+        assert_eq!(denied.retry_after_secs, 6);
+    }
+
+    #[test]
+    fn buckets_survive_new_sets_and_prune_only_drops_idle_unheld_ones() {
+        let clock = Clock::manual(0);
+        let reg = LimiterRegistry::new(clock.clone());
+        let a = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
+        // A reload builds a new set with the same quota: same bucket.
+        let b = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
+        check(&a, &clock).unwrap();
+        check(&b, &clock).unwrap();
+        assert!(check(&a, &clock).is_err(), "a reload's new set sees the old bucket");
         drop((a, b));
-        reg.prune();
-        assert!(reg.limiters.lock().unwrap().is_empty(), "unused limiters are dropped");
+        assert_eq!(reg.prune(), 1, "not yet refilled: kept even though nothing holds it");
+        let c = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
+        assert!(check(&c, &clock).is_err(), "evicted entries do not reset the bucket");
+        clock.advance(Duration::from_secs(7200));
+        assert_eq!(reg.prune(), 1, "held by a cached entry: kept");
+        drop(c);
+        assert_eq!(reg.prune(), 0, "idle, refilled and unheld: reclaimed");
     }
 
     #[test]

@@ -37,14 +37,13 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue, Method};
-use prometheus::IntCounter;
 
 pub use denial::{Denial, ErrorBodies, RateInfo};
 pub use keys::{Digest, KeyEntry, TeamEntry};
 
 use crate::clock::{Clock, Now, UnixMillis};
 use crate::config::{Config, HeartbeatRule, LimitKey, TeamPlan};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Striped};
 use crate::store::{KeyStore, StoreError, StoredKey, StoredTeam};
 use credential::{CredentialRules, Found};
 use heartbeat::Heartbeats;
@@ -127,7 +126,7 @@ pub struct Snapshot {
     declared: HashMap<Digest, DeclaredKey>,
     plans: HashMap<String, Arc<LimitSet>>,
     /// Request counters per route (the last row: no route) and outcome.
-    counters: Vec<Vec<IntCounter>>,
+    counters: Vec<Vec<Arc<Striped>>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -295,7 +294,7 @@ impl Gate {
             Some(Err(LoadError::Store(_))) => return Check::Denied(Denial::StoreUnavailable, None),
             None => {
                 let d = keys::digest(presented.bytes);
-                match self.cache.get(&d) {
+                match self.cache.get(&d, self.clock.monotonic().as_nanos() as u64) {
                     Cached::Hit(e) => {
                         self.metrics.cache_hit.inc();
                         e
@@ -344,7 +343,7 @@ impl Gate {
         }
         // 6. limits
         let rate = if route.rate_limited {
-            match entry.team.limits.check(&entry.limiter_key) {
+            match limits::check(&entry.buckets, &self.clock) {
                 Ok(info) => info,
                 Err(info) => return Check::Denied(Denial::RateLimited(info), Some(entry)),
             }
@@ -388,7 +387,8 @@ impl Gate {
 
     /// Resolves a digest through the cache and the store (blocking; one load per digest).
     pub fn load(&self, d: &Digest) -> Result<Arc<KeyEntry>, LoadError> {
-        self.cache.load(d, || {
+        let now_ns = self.clock.monotonic().as_nanos() as u64;
+        self.cache.load(d, now_ns, || {
             let snap = self.snapshot.load();
             if let Some(k) = snap.declared.get(d) {
                 return self.entry(&snap, &k.stored);
@@ -423,11 +423,12 @@ impl Gate {
             }
         };
         let key_id: Arc<str> = k.key_id.as_str().into();
+        let limiter_key = match snap.config.limits.key_by {
+            LimitKey::Team => team.id.clone(),
+            LimitKey::Key => key_id.clone(),
+        };
         Ok(Arc::new(KeyEntry {
-            limiter_key: match snap.config.limits.key_by {
-                LimitKey::Team => team.id.clone(),
-                LimitKey::Key => key_id.clone(),
-            },
+            buckets: self.limiters.buckets(&team.limits, &limiter_key),
             key_id_header: HeaderValue::from_str(&k.key_id).map_err(|_| LoadError::Unknown)?,
             usage: self.usage.get(&k.key_id),
             key_id,
@@ -436,6 +437,7 @@ impl Gate {
             environment: k.environment.as_deref().map(Into::into),
             expires_at: k.expires_at,
             revoked: k.revoked_at.is_some(),
+            checked_ns: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -518,7 +520,7 @@ fn build_snapshot(config: Arc<Config>, limiters: &LimiterRegistry, heartbeats: &
         .chain(std::iter::once("none"))
         .map(|name| {
             (0..Outcome::COUNT)
-                .map(|i| metrics.requests.with_label_values(&[name, Outcome::label(i)]))
+                .map(|i| metrics.striped(metrics.requests.with_label_values(&[name, Outcome::label(i)])))
                 .collect()
         })
         .collect();
