@@ -44,7 +44,12 @@ fn gate() -> Arc<Gate> {
         ));
     }
     let config = Arc::new(Config::from_toml(&toml).expect("bench config"));
-    let gate = Arc::new(Gate::new(config, Arc::new(NoStore), Clock::system(), Metrics::standalone()));
+    let gate = Arc::new(Gate::new(
+        config,
+        Arc::new(NoStore),
+        Clock::system(),
+        Metrics::standalone(),
+    ));
     // Warm the cache: every key loaded once.
     for h in headers() {
         let head = head(&h);
@@ -57,12 +62,16 @@ fn gate() -> Arc<Gate> {
 }
 
 fn headers() -> Vec<HeaderMap> {
-    (0..KEYS).map(|i| request(&HeaderValue::from_str(&key(i)).unwrap())).collect()
+    (0..KEYS)
+        .map(|i| request(&HeaderValue::from_str(&key(i)).unwrap()))
+        .collect()
 }
 
 /// The key header values, one per key.
 fn values() -> Vec<HeaderValue> {
-    (0..KEYS).map(|i| HeaderValue::from_str(&key(i)).unwrap()).collect()
+    (0..KEYS)
+        .map(|i| HeaderValue::from_str(&key(i)).unwrap())
+        .collect()
 }
 
 /// A request head as a client sends it.
@@ -104,7 +113,12 @@ struct Floor {
 impl Floor {
     fn new() -> Floor {
         let map = (0..KEYS)
-            .map(|i| (Sha256::digest(key(i).as_bytes()).into(), Arc::<str>::from(format!("team{i}"))))
+            .map(|i| {
+                (
+                    Sha256::digest(key(i).as_bytes()).into(),
+                    Arc::<str>::from(format!("team{i}")),
+                )
+            })
             .collect();
         Floor {
             map,
@@ -114,7 +128,9 @@ impl Floor {
 
     #[inline]
     fn check(&self, h: &HeaderMap) -> bool {
-        let Some(k) = h.get("x-api-key") else { return false };
+        let Some(k) = h.get("x-api-key") else {
+            return false;
+        };
         let d: [u8; 32] = Sha256::digest(k.as_bytes()).into();
         match self.map.get(&d) {
             Some(team) => self.limiter.check_key(team).is_ok(),
@@ -131,7 +147,12 @@ fn pick(n: u64) -> usize {
 
 /// Runs `per_thread` checks on each of `threads` threads, each thread with one request head
 /// whose key is swapped per request (hot, as a just-parsed request is); returns the wall time.
-fn parallel<F: Fn(&HeaderMap) -> bool + Sync>(threads: usize, per_thread: u64, vals: &[HeaderValue], f: &F) -> Duration {
+fn parallel<F: Fn(&HeaderMap) -> bool + Sync>(
+    threads: usize,
+    per_thread: u64,
+    vals: &[HeaderValue],
+    f: &F,
+) -> Duration {
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
@@ -157,10 +178,18 @@ fn bench(c: &mut Criterion) {
     for threads in [1usize, 2] {
         g.bench_function(format!("floor_{threads}_threads"), |b| {
             // Wall time for all threads' work, so the per-element figure is throughput.
-            b.iter_custom(|iters| parallel(threads, iters.div_ceil(threads as u64), &vals, &|h| floor.check(h)))
+            b.iter_custom(|iters| {
+                parallel(threads, iters.div_ceil(threads as u64), &vals, &|h| {
+                    floor.check(h)
+                })
+            })
         });
         g.bench_function(format!("gate_check_hit_{threads}_threads"), |b| {
-            b.iter_custom(|iters| parallel(threads, iters.div_ceil(threads as u64), &vals, &|h| gate_check(&gate, h)))
+            b.iter_custom(|iters| {
+                parallel(threads, iters.div_ceil(threads as u64), &vals, &|h| {
+                    gate_check(&gate, h)
+                })
+            })
         });
     }
     g.finish();
@@ -171,7 +200,11 @@ fn summary() {
     let gate = gate();
     let vals = values();
     let floor = Floor::new();
-    let rounds: u64 = if std::env::args().any(|a| a == "--bench") { 3_000_000 } else { 2_000 };
+    let rounds: u64 = if std::env::args().any(|a| a == "--bench") {
+        3_000_000
+    } else {
+        2_000
+    };
     let per_s = |threads: usize, d: Duration| (threads as u64 * rounds) as f64 / d.as_secs_f64();
     let floor_1 = per_s(1, parallel(1, rounds, &vals, &|h| floor.check(h)));
     let gate_1 = per_s(1, parallel(1, rounds, &vals, &|h| gate_check(&gate, h)));
@@ -204,5 +237,7 @@ criterion_group!(benches, bench);
 fn main() {
     benches();
     summary();
-    criterion::Criterion::default().configure_from_args().final_summary();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
 }

@@ -20,7 +20,11 @@ use tokio::sync::watch;
 use crate::server::Server;
 
 /// Serves the admin endpoints until shutdown.
-pub async fn serve(listener: TcpListener, server: Arc<Server>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    server: Arc<Server>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = crate::server::stopped(&mut shutdown) => return,
@@ -50,8 +54,10 @@ pub async fn serve(listener: TcpListener, server: Arc<Server>, mut shutdown: wat
 pub(crate) fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -77,9 +83,15 @@ async fn handle(server: &Arc<Server>, req: Request<Incoming>) -> Response<Full<B
             if server.is_ready() {
                 json(StatusCode::OK, serde_json::json!({ "status": "ready" }))
             } else {
-                json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "status": "not ready" }))
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    serde_json::json!({ "status": "not ready" }),
+                )
             }
         }
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "Not Found" })),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({ "error": "Not Found" }),
+        ),
     }
 }

@@ -17,7 +17,11 @@ use crate::server::{Options, Server};
 const EX_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "keygate", version, about = "An authenticating reverse-proxy gateway: API keys, plan limits, heartbeats.")]
+#[command(
+    name = "keygate",
+    version,
+    about = "An authenticating reverse-proxy gateway: API keys, plan limits, heartbeats."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,7 +110,9 @@ pub fn main() -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -115,12 +121,16 @@ fn init_logging(config: &Config) {
 
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = if workers == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         workers
     };
     if workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)

@@ -35,7 +35,10 @@ pub struct Clock(Arc<Inner>);
 #[derive(Debug)]
 enum Inner {
     System,
-    Manual { mono_ns: AtomicU64, wall_ms: AtomicI64 },
+    Manual {
+        mono_ns: AtomicU64,
+        wall_ms: AtomicI64,
+    },
 }
 
 /// The process-wide coarse clock behind every system [`Clock`].
@@ -55,10 +58,13 @@ fn coarse() -> &'static Coarse {
             start_wall_ms: wall_now_ms(),
             mono_ns: AtomicU64::new(0),
         }));
-        let spawned = std::thread::Builder::new().name("keygate-clock".into()).spawn(move || loop {
-            std::thread::sleep(TICK);
-            c.mono_ns.store(c.start.elapsed().as_nanos() as u64, Ordering::Release);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("keygate-clock".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                c.mono_ns
+                    .store(c.start.elapsed().as_nanos() as u64, Ordering::Release);
+            });
         if let Err(e) = spawned {
             // Without the ticker time would stand still: fail loudly at start, not silently later.
             panic!("cannot start the clock thread: {e}");
@@ -90,7 +96,8 @@ impl Clock {
             Inner::System => {
                 let c = coarse();
                 Now {
-                    wall_ms: c.start_wall_ms + (c.mono_ns.load(Ordering::Acquire) / 1_000_000) as i64,
+                    wall_ms: c.start_wall_ms
+                        + (c.mono_ns.load(Ordering::Acquire) / 1_000_000) as i64,
                 }
             }
             Inner::Manual { wall_ms, .. } => Now {
@@ -165,7 +172,11 @@ mod tests {
         );
         c.set_wall(500);
         assert_eq!(c.now().wall_ms, 500, "wall time may step back");
-        assert_eq!(c.monotonic(), Duration::from_secs(2), "monotonic time does not");
+        assert_eq!(
+            c.monotonic(),
+            Duration::from_secs(2),
+            "monotonic time does not"
+        );
     }
 
     #[test]

@@ -36,8 +36,18 @@ pub async fn echo_upstream(listener: TcpListener, mut shutdown: watch::Receiver<
 
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let size = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-    let h = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let size = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes().len())
+        .unwrap_or(0);
+    let h = |n: &str| {
+        parts
+            .headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let v = serde_json::json!({
         "ok": true,
         "upstream": "keygate demo echo",
@@ -51,8 +61,10 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallibl
         "api_key_forwarded": parts.headers.contains_key("x-api-key"),
     });
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     Ok(r)
 }
 

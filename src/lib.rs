@@ -4,14 +4,14 @@
 //! [`proxy`] is the hyper shell around it; [`admin`] serves metrics, health and the admin API;
 //! [`server::run`] wires them to listeners it is given.
 
+pub mod admin;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demo;
 pub mod gate;
 pub mod metrics;
-pub mod store;
 pub mod proxy;
-pub mod admin;
 pub mod server;
-pub mod cli;
-pub mod demo;
 pub mod signal;
+pub mod store;

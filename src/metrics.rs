@@ -49,7 +49,10 @@ impl Striped {
 
     /// The count so far.
     pub fn get(&self) -> u64 {
-        self.stripes.iter().map(|s| s.0.load(Ordering::Relaxed)).sum()
+        self.stripes
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .sum()
     }
 
     fn sync(&self) {
@@ -115,7 +118,8 @@ impl Metrics {
                 "Time from sending a request upstream to receiving the response head.",
             )
             .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
             ]),
         )?;
         let overhead_seconds = Histogram::with_opts(
@@ -124,16 +128,23 @@ impl Metrics {
                 "Time keygate spends on a request before asking the upstream or refusing it.",
             )
             .buckets(vec![
-                0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
+                0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                0.005, 0.01, 0.05,
             ]),
         )?;
         let cache = IntCounterVec::new(
-            Opts::new("keygate_key_cache_requests_total", "Key cache lookups by result."),
+            Opts::new(
+                "keygate_key_cache_requests_total",
+                "Key cache lookups by result.",
+            ),
             &["result"],
         )?;
         let striped = Arc::new(Mutex::new(Vec::new()));
         let cache_hit = Arc::new(Striped::new(cache.with_label_values(&["hit"])));
-        striped.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&cache_hit));
+        striped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&cache_hit));
         let m = Metrics {
             striped,
             cache_hit,
@@ -230,9 +241,13 @@ mod tests {
             }
         });
         assert_eq!(c.get(), 4000);
-        assert!(m.render().contains("keygate_requests_total{outcome=\"forwarded\",route=\"r\"} 4000"));
+        assert!(m
+            .render()
+            .contains("keygate_requests_total{outcome=\"forwarded\",route=\"r\"} 4000"));
         c.inc();
         drop(c);
-        assert!(m.render().contains("keygate_requests_total{outcome=\"forwarded\",route=\"r\"} 4001"));
+        assert!(m
+            .render()
+            .contains("keygate_requests_total{outcome=\"forwarded\",route=\"r\"} 4001"));
     }
 }

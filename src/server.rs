@@ -85,7 +85,9 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server").field("config_path", &self.config_path).finish_non_exhaustive()
+        f.debug_struct("Server")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -98,26 +100,45 @@ impl Server {
     /// Builds everything for a validated config; restores persisted heartbeats.
     pub fn new(config: Config, opts: Options) -> Server {
         let config = Arc::new(config);
-        let (store, keys, state): (Option<Arc<SqliteStore>>, Arc<dyn KeyStore>, Arc<dyn StateStore>) =
-            match config.state_dir() {
-                None => (None, Arc::new(NoStore), Arc::new(NoStore)),
-                Some(dir) => match open_store(dir) {
-                    Ok(s) => {
-                        let s = Arc::new(s);
-                        (Some(s.clone()), s.clone(), s)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, dir = %dir.display(),
+        let (store, keys, state): (
+            Option<Arc<SqliteStore>>,
+            Arc<dyn KeyStore>,
+            Arc<dyn StateStore>,
+        ) = match config.state_dir() {
+            None => (None, Arc::new(NoStore), Arc::new(NoStore)),
+            Some(dir) => match open_store(dir) {
+                Ok(s) => {
+                    let s = Arc::new(s);
+                    (Some(s.clone()), s.clone(), s)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %dir.display(),
                             "cannot open the state store; heartbeats and usage stay in memory, uncached keys get 503");
-                        opts.metrics.state_write_errors.inc();
-                        (None, Arc::new(Broken(e.to_string())), Arc::new(NoStore))
-                    }
-                },
-            };
-        let gate = Arc::new(Gate::new(config, keys, opts.clock.clone(), opts.metrics.clone()));
+                    opts.metrics.state_write_errors.inc();
+                    (None, Arc::new(Broken(e.to_string())), Arc::new(NoStore))
+                }
+            },
+        };
+        let gate = Arc::new(Gate::new(
+            config,
+            keys,
+            opts.clock.clone(),
+            opts.metrics.clone(),
+        ));
         match state.load_heartbeats() {
             Ok(beats) => gate.heartbeats.restore(beats),
             Err(e) => tracing::error!(error = %e, "cannot load heartbeats; starting with none"),
+        }
+        // Teams in the store whose keys have not been used yet still count for the stale-teams
+        // metric with their own heartbeat rule (config teams were registered with the snapshot).
+        if let Some(s) = &store {
+            let default = gate.snapshot().config.heartbeat.required;
+            for t in s.list_teams().unwrap_or_default() {
+                if gate.snapshot().team(&t.id).is_none() {
+                    gate.heartbeats
+                        .beat(&t.id, t.heartbeat_required.unwrap_or(default));
+                }
+            }
         }
         let proxy = Arc::new(Proxy::new(gate.clone(), false));
         Server {
@@ -138,7 +159,9 @@ impl Server {
     /// Re-reads the config file and swaps it in if valid; the old config keeps serving if not.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let Some(path) = &self.config_path else {
-            return Err(ConfigError::Invalid(vec!["no config file to reload from".into()]));
+            return Err(ConfigError::Invalid(vec![
+                "no config file to reload from".into()
+            ]));
         };
         let metrics = self.gate.metrics();
         match Config::load(path) {
@@ -206,21 +229,44 @@ impl Server {
         let limits = Limits::from(&snap.config.proxy);
         let usage_every = snap.config.keys.usage_flush_interval;
         drop(snap);
-        let admin = tokio::spawn(crate::admin::serve(admin_listener, self.clone(), shutdown.clone()));
+        // The admin listener outlives the drain, so /readyz can say 503 while it runs.
+        let (admin_stop, admin_rx) = watch::channel(false);
+        let admin = tokio::spawn(crate::admin::serve(admin_listener, self.clone(), admin_rx));
         let background = tokio::spawn(self.clone().background(usage_every, shutdown.clone()));
+        let unready = {
+            let this = self.clone();
+            let mut shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                stopped(&mut shutdown).await;
+                this.ready.store(false, Ordering::Release);
+            })
+        };
         self.ready.store(true, Ordering::Release);
-        serve(proxy_listener, Arc::new(Plain), self.proxy.clone(), limits, shutdown.clone()).await;
+        serve(
+            proxy_listener,
+            Arc::new(Plain),
+            self.proxy.clone(),
+            limits,
+            shutdown.clone(),
+        )
+        .await;
         self.ready.store(false, Ordering::Release);
+        unready.abort();
         let _ = background.await;
         let this = self.clone();
         let _ = tokio::task::spawn_blocking(move || this.flush()).await;
+        let _ = admin_stop.send(true);
         let _ = admin.await;
         tracing::info!("stopped");
     }
 
     /// Periodic work: heartbeats are flushed within a quarter second, usage per interval, idle
     /// rate-limit buckets pruned every minute.
-    async fn background(self: Arc<Self>, usage_every: Duration, mut shutdown: watch::Receiver<bool>) {
+    async fn background(
+        self: Arc<Self>,
+        usage_every: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut beat_tick = tokio::time::interval(Duration::from_millis(250));
         let mut usage_tick = tokio::time::interval(usage_every);
         let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
@@ -254,14 +300,18 @@ impl Server {
 
 /// Binds the configured listeners.
 pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ServerError> {
-    let p = TcpListener::bind(config.proxy.listen).await.map_err(|source| ServerError::Bind {
-        addr: config.proxy.listen,
-        source,
-    })?;
-    let a = TcpListener::bind(config.admin.listen).await.map_err(|source| ServerError::Bind {
-        addr: config.admin.listen,
-        source,
-    })?;
+    let p = TcpListener::bind(config.proxy.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.proxy.listen,
+            source,
+        })?;
+    let a = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
     Ok((p, a))
 }
 

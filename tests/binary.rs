@@ -52,8 +52,16 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
     let (proxy_port, admin_port) = (free_port(), free_port());
     let render = |cfg: &Cfg| {
         cfg.render()
-            .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{proxy_port}\"\nworkers = 1"), 1)
-            .replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{admin_port}\""), 1)
+            .replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{proxy_port}\"\nworkers = 1"),
+                1,
+            )
+            .replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{admin_port}\""),
+                1,
+            )
     };
     let mut cfg = Cfg::new(up.addr);
     write_file(&config_path, &render(&cfg));
@@ -81,13 +89,20 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
     })
     .await;
 
-    let r = send(c.get(format!("{proxy}/api/x")).header("x-api-key", ALPHA_KEY)).await;
+    let r = send(
+        c.get(format!("{proxy}/api/x"))
+            .header("x-api-key", ALPHA_KEY),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.echoed("x-keygate-team"), Some("alpha"));
-    send(c.get(format!("{proxy}/api/x"))).await.assert_error(401, MISSING_KEY);
+    send(c.get(format!("{proxy}/api/x")))
+        .await
+        .assert_error(401, MISSING_KEY);
 
     // Rewrite the file and send SIGHUP: the new message shows once the reload is done.
-    cfg.messages.push(("missing_key".into(), "Reloaded: send x-api-key".into()));
+    cfg.messages
+        .push(("missing_key".into(), "Reloaded: send x-api-key".into()));
     write_file(&config_path, &render(&cfg));
     signal(pid, "HUP");
     poll(Duration::from_secs(10), "the reloaded config", || {
@@ -97,28 +112,54 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
     .await;
 
     // A broken file on SIGHUP is refused and the process keeps serving the last good config.
-    write_file(&config_path, "[proxy]\nlisten = \"127.0.0.1:1\"\nbogus = true\n");
+    write_file(
+        &config_path,
+        "[proxy]\nlisten = \"127.0.0.1:1\"\nbogus = true\n",
+    );
     signal(pid, "HUP");
-    poll(Duration::from_secs(10), "the refused reload to be counted", || {
-        let rb = c.get(format!("{admin}/metrics"));
-        async move {
-            let r = send(rb).await;
-            metric(r.text(), r#"keygate_config_reloads_total{result="refused"}"#).filter(|&n| n >= 1.0)
-        }
-    })
+    poll(
+        Duration::from_secs(10),
+        "the refused reload to be counted",
+        || {
+            let rb = c.get(format!("{admin}/metrics"));
+            async move {
+                let r = send(rb).await;
+                metric(
+                    r.text(),
+                    r#"keygate_config_reloads_total{result="refused"}"#,
+                )
+                .filter(|&n| n >= 1.0)
+            }
+        },
+    )
     .await;
     let r = send(c.get(format!("{proxy}/api/x"))).await;
     r.assert_error(401, r#"{"error":"Reloaded: send x-api-key"}"#);
-    assert_eq!(send(c.get(format!("{proxy}/api/x")).header("x-api-key", ALPHA_KEY)).await.status, 200);
+    assert_eq!(
+        send(
+            c.get(format!("{proxy}/api/x"))
+                .header("x-api-key", ALPHA_KEY)
+        )
+        .await
+        .status,
+        200
+    );
 
     // SIGTERM: drain and exit 0.
     signal(pid, "TERM");
     let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
         .await
-        .unwrap_or_else(|_| panic!("keygate did not exit after SIGTERM; stderr:\n{}", stderr_of(&log_path)))
+        .unwrap_or_else(|_| {
+            panic!(
+                "keygate did not exit after SIGTERM; stderr:\n{}",
+                stderr_of(&log_path)
+            )
+        })
         .unwrap();
     assert_eq!(status.code(), Some(0), "stderr:\n{}", stderr_of(&log_path));
-    assert!(tokio::net::TcpStream::connect(("127.0.0.1", proxy_port)).await.is_err());
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", proxy_port))
+        .await
+        .is_err());
 }
 
 #[test]
@@ -135,18 +176,33 @@ fn check_config_names_the_bad_fields_and_lines() {
          heartbeat = \"sometimes\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "stderr: {stderr}");
     assert!(stderr.contains("upstream.url (line 2)"), "{stderr}");
     assert!(stderr.contains("routes[0].heartbeat (line 6)"), "{stderr}");
 
     // A typo'd field (deny_unknown_fields) is named with its line too.
-    std::fs::write(&path, "[upstream]\nurl = \"http://127.0.0.1:3000\"\n\n[proxy]\nlisten_addr = \"x\"\n").unwrap();
-    let out = std::process::Command::new(BIN).arg("check-config").arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        "[upstream]\nurl = \"http://127.0.0.1:3000\"\n\n[proxy]\nlisten_addr = \"x\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "stderr: {stderr}");
-    assert!(stderr.contains("listen_addr") && stderr.contains("line 5"), "{stderr}");
+    assert!(
+        stderr.contains("listen_addr") && stderr.contains("line 5"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -156,7 +212,12 @@ fn check_config_accepts_the_shipped_config() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml"))
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
 }
 
@@ -165,7 +226,12 @@ fn run_with_a_bad_config_exits_64() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[upstream]\nurl = \"not a url\"\n").unwrap();
-    let out = std::process::Command::new(BIN).arg("run").arg("--config").arg(&path).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("upstream.url (line 2)"));
 }
@@ -180,12 +246,20 @@ fn hash_key_prints_the_digest() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"kg_demo_0123456789abcdef\n").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"kg_demo_0123456789abcdef\n")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "56347eeb9db8bb3ad93929e2767343573294da731003b881688b6110a9e851e3"
     );
-    assert_eq!(sha256_hex("kg_demo_0123456789abcdef"), String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(
+        sha256_hex("kg_demo_0123456789abcdef"),
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
 }

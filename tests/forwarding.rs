@@ -28,7 +28,9 @@ async fn large_upload_streams_through() {
         crc.update(&chunk);
     }
     let expected_crc = crc.finalize();
-    let stream = futures_util::stream::iter((0..chunk_count).map(move |_| Ok::<Bytes, Infallible>(chunk.clone())));
+    let stream = futures_util::stream::iter(
+        (0..chunk_count).map(move |_| Ok::<Bytes, Infallible>(chunk.clone())),
+    );
     let r = send(
         kg.client
             .post(kg.url("/api/upload"))
@@ -40,8 +42,16 @@ async fn large_upload_streams_through() {
     assert_eq!(r.body["bytes"], TOTAL);
     assert_eq!(r.body["crc32"], expected_crc);
     let frames = r.body["frames"].as_u64().unwrap();
-    assert!(frames >= 64, "the upstream got the body in {frames} frames; expected it streamed in many");
-    assert_eq!(up.seen.uploads_done.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(
+        frames >= 64,
+        "the upstream got the body in {frames} frames; expected it streamed in many"
+    );
+    assert_eq!(
+        up.seen
+            .uploads_done
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 }
 
 /// A large response streams back intact, in many chunks.
@@ -74,7 +84,10 @@ async fn large_response_streams_back() {
         offset += chunk.len();
     }
     assert_eq!(offset, TOTAL);
-    assert!(chunks > 16, "{chunks} chunks: the response should arrive streamed, not in one piece");
+    assert!(
+        chunks > 16,
+        "{chunks} chunks: the response should arrive streamed, not in one piece"
+    );
 }
 
 /// A body declared over `proxy.max_body_bytes` is refused with 413 before anything is forwarded.
@@ -93,7 +106,11 @@ async fn declared_body_over_the_limit_is_413() {
     .await;
     r.assert_error(413, r#"{"error":"Payload Too Large"}"#);
     assert_eq!(r.header("connection"), Some("close"));
-    assert_eq!(up.hits(), 0, "the upstream must see nothing of a refused body");
+    assert_eq!(
+        up.hits(),
+        0,
+        "the upstream must see nothing of a refused body"
+    );
     // At the limit it passes.
     let r = send(
         kg.client
@@ -114,7 +131,8 @@ async fn streamed_body_over_the_limit_is_413() {
     let mut cfg = Cfg::new(up.addr);
     cfg.proxy.push("max_body_bytes = 1024".into());
     let kg = Keygate::start(&cfg.render()).await;
-    let stream = futures_util::stream::iter([Ok::<Bytes, Infallible>(Bytes::from(vec![1u8; 3000]))]);
+    let stream =
+        futures_util::stream::iter([Ok::<Bytes, Infallible>(Bytes::from(vec![1u8; 3000]))]);
     let r = send(
         kg.client
             .post(kg.url("/api/upload"))
@@ -123,7 +141,12 @@ async fn streamed_body_over_the_limit_is_413() {
     )
     .await;
     r.assert_error(413, r#"{"error":"Payload Too Large"}"#);
-    assert_eq!(up.seen.uploads_done.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        up.seen
+            .uploads_done
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }
 
 /// What the upstream is told: no hop-by-hop fields, no credentials, no spoofed identity, the
@@ -183,7 +206,10 @@ async fn header_hygiene() {
     assert_eq!(h["x-keygate-key-id"], "alpha-key");
     assert_eq!(h["x-keygate-plan"], "free");
     assert_eq!(h.get_all("x-keygate-team").iter().count(), 1);
-    assert_eq!(h["x-forwarded-for"], "127.0.0.1", "the client's X-Forwarded-For is not trusted by default");
+    assert_eq!(
+        h["x-forwarded-for"], "127.0.0.1",
+        "the client's X-Forwarded-For is not trusted by default"
+    );
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["host"], "api.example", "preserve_host is the default");
     assert_eq!(h["accept"], "application/json");
@@ -193,7 +219,11 @@ async fn header_hygiene() {
     assert_eq!(id.len(), 24, "{id}");
     assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
     // The client is told the same request id.
-    assert!(raw.to_ascii_lowercase().contains(&format!("x-request-id: {id}")), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains(&format!("x-request-id: {id}")),
+        "{raw}"
+    );
     assert_eq!(up.last_path().as_deref(), Some("/api/hygiene"));
 
     // Request ids differ per request.
@@ -213,10 +243,21 @@ async fn bearer_credentials() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.echoed("x-keygate-team"), Some("beta"));
     assert_eq!(r.echoed("authorization"), None);
-    let r = send(kg.client.get(kg.url("/api/b")).basic_auth("user", Some("pass"))).await;
+    let r = send(
+        kg.client
+            .get(kg.url("/api/b"))
+            .basic_auth("user", Some("pass")),
+    )
+    .await;
     r.assert_error(401, MISSING_KEY);
     // Two sources that disagree are ambiguous.
-    let r = send(kg.client.get(kg.url("/api/b")).bearer_auth(BETA_KEY).header("x-api-key", ALPHA_KEY)).await;
+    let r = send(
+        kg.client
+            .get(kg.url("/api/b"))
+            .bearer_auth(BETA_KEY)
+            .header("x-api-key", ALPHA_KEY),
+    )
+    .await;
     r.assert_error(401, INVALID_KEY);
     assert_eq!(up.hits(), 1);
 }
@@ -263,7 +304,10 @@ async fn upstream_answers_pass_through_without_hop_by_hop_fields() {
     let up = Upstream::start().await;
     let kg = Keygate::start(&base_toml(up.addr)).await;
     let r = kg.get("/api/teapot", Some(ALPHA_KEY)).await;
-    assert_eq!(r.status, 418, "an upstream error is the upstream's answer, not keygate's");
+    assert_eq!(
+        r.status, 418,
+        "an upstream error is the upstream's answer, not keygate's"
+    );
     assert_eq!(r.body, serde_json::json!({ "upstream": "short and stout" }));
     assert_eq!(r.header("x-upstream"), Some("yes"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("99"));
@@ -272,7 +316,11 @@ async fn upstream_answers_pass_through_without_hop_by_hop_fields() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-upstream"), Some("yes"));
     for gone in ["x-upstream-secret", "keep-alive", "proxy-authenticate"] {
-        assert!(r.header(gone).is_none(), "{gone} came back to the client: {:?}", r.headers);
+        assert!(
+            r.header(gone).is_none(),
+            "{gone} came back to the client: {:?}",
+            r.headers
+        );
     }
 }
 

@@ -22,9 +22,15 @@ async fn heartbeat_opens_the_api_for_48_hours() {
     let kg = Keygate::start(&cfg.render()).await;
 
     let m = kg.metrics().await;
-    assert_eq!(metric(&m, "keygate_heartbeat_stale_teams"), Some(TEAMS as f64), "{m}");
+    assert_eq!(
+        metric(&m, "keygate_heartbeat_stale_teams"),
+        Some(TEAMS as f64),
+        "{m}"
+    );
 
-    kg.get("/api/x", Some(ALPHA_KEY)).await.assert_error(403, &plugin_required());
+    kg.get("/api/x", Some(ALPHA_KEY))
+        .await
+        .assert_error(403, &plugin_required());
     assert_eq!(up.hits(), 0);
 
     // The heartbeat itself is exempt, recorded, and forwarded with the team's identity.
@@ -36,18 +42,28 @@ async fn heartbeat_opens_the_api_for_48_hours() {
 
     assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 200);
     // Only alpha's: beta is still locked out.
-    kg.get("/api/x", Some(BETA_KEY)).await.assert_error(403, &plugin_required());
+    kg.get("/api/x", Some(BETA_KEY))
+        .await
+        .assert_error(403, &plugin_required());
     let m = kg.metrics().await;
-    assert_eq!(metric(&m, "keygate_heartbeat_stale_teams"), Some((TEAMS - 1) as f64));
+    assert_eq!(
+        metric(&m, "keygate_heartbeat_stale_teams"),
+        Some((TEAMS - 1) as f64)
+    );
 
     // Exactly 48 h later the heartbeat is still within the window...
     kg.clock.advance(48 * HOUR);
     assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 200);
     // ...and a second later it is not.
     kg.clock.advance(Duration::from_secs(1));
-    kg.get("/api/x", Some(ALPHA_KEY)).await.assert_error(403, &plugin_required());
+    kg.get("/api/x", Some(ALPHA_KEY))
+        .await
+        .assert_error(403, &plugin_required());
     let m = kg.metrics().await;
-    assert_eq!(metric(&m, "keygate_heartbeat_stale_teams"), Some(TEAMS as f64));
+    assert_eq!(
+        metric(&m, "keygate_heartbeat_stale_teams"),
+        Some(TEAMS as f64)
+    );
     assert_eq!(up.hits(), 3);
 
     // A new heartbeat opens it again.
@@ -63,8 +79,16 @@ async fn a_refused_heartbeat_records_nothing() {
     let kg = Keygate::start(&cfg.render()).await;
     // No key, a wrong key, the wrong method: none of them counts as the team's heartbeat.
     assert_eq!(kg.post("/extension/heartbeat", None).await.status, 401);
-    assert_eq!(kg.post("/extension/heartbeat", Some("kg_nobody_000000000000000")).await.status, 401);
-    assert_eq!(kg.get("/extension/heartbeat", Some(ALPHA_KEY)).await.status, 405);
+    assert_eq!(
+        kg.post("/extension/heartbeat", Some("kg_nobody_000000000000000"))
+            .await
+            .status,
+        401
+    );
+    assert_eq!(
+        kg.get("/extension/heartbeat", Some(ALPHA_KEY)).await.status,
+        405
+    );
     assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 403);
     assert!(kg.server.gate.heartbeats.last("alpha").is_none());
     assert_eq!(up.hits(), 0);
@@ -92,11 +116,24 @@ async fn heartbeats_survive_a_restart() {
     // Second life on the same directory, at the same wall time.
     let kg = Keygate::start_with(&toml, Clock::manual(now), None).await;
     let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
-    assert_eq!(r.status, 200, "a restart must not lock out a fresh team: {}", r.text());
-    kg.get("/api/x", Some(BETA_KEY)).await.assert_error(403, &plugin_required());
-    kg.get("/api/x", Some(TINY_KEY)).await.assert_error(403, &plugin_required());
+    assert_eq!(
+        r.status,
+        200,
+        "a restart must not lock out a fresh team: {}",
+        r.text()
+    );
+    kg.get("/api/x", Some(BETA_KEY))
+        .await
+        .assert_error(403, &plugin_required());
+    kg.get("/api/x", Some(TINY_KEY))
+        .await
+        .assert_error(403, &plugin_required());
     let m = kg.metrics().await;
-    assert_eq!(metric(&m, "keygate_heartbeat_stale_teams"), Some((TEAMS - 1) as f64), "{m}");
+    assert_eq!(
+        metric(&m, "keygate_heartbeat_stale_teams"),
+        Some((TEAMS - 1) as f64),
+        "{m}"
+    );
     // The restored heartbeat still ages from when it was made.
     kg.clock.advance(48 * HOUR + Duration::from_secs(1));
     assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 403);
@@ -120,8 +157,14 @@ async fn a_stale_team_stays_stale_after_a_restart() {
     // Restart three days later.
     let later = T0 + 72 * 3_600_000;
     let kg = Keygate::start_with(&toml, Clock::manual(later), None).await;
-    kg.get("/api/x", Some(ALPHA_KEY)).await.assert_error(403, &plugin_required());
-    assert_eq!(kg.server.gate.heartbeats.last("alpha"), Some(T0), "the heartbeat was persisted");
+    kg.get("/api/x", Some(ALPHA_KEY))
+        .await
+        .assert_error(403, &plugin_required());
+    assert_eq!(
+        kg.server.gate.heartbeats.last("alpha"),
+        Some(T0),
+        "the heartbeat was persisted"
+    );
     assert_eq!(up.hits(), 1);
     kg.stop().await;
 }

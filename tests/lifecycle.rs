@@ -29,18 +29,29 @@ async fn reload_keeps_limiter_state() {
     assert_eq!(kg.get("/api/x", Some(TINY_KEY)).await.status, 429);
 
     // An unrelated change: a new error message.
-    cfg.messages.push(("not_found".into(), "Nothing here".into()));
+    cfg.messages
+        .push(("not_found".into(), "Nothing here".into()));
     write_file(&path, &cfg.render());
     kg.server.reload().expect("the edited config is valid");
-    kg.get("/nowhere", None).await.assert_error(404, r#"{"error":"Nothing here"}"#);
+    kg.get("/nowhere", None)
+        .await
+        .assert_error(404, r#"{"error":"Nothing here"}"#);
     // The reload dropped every cached key; pruning idle buckets now must still keep this one,
     // which is far from full.
     kg.server.gate.prune();
     let r = kg.get("/api/x", Some(TINY_KEY)).await;
-    assert_eq!(r.status, 429, "a reload must not hand out a fresh bucket: {}", r.text());
+    assert_eq!(
+        r.status,
+        429,
+        "a reload must not hand out a fresh bucket: {}",
+        r.text()
+    );
     assert_eq!(up.hits(), 2);
     let m = kg.metrics().await;
-    assert_eq!(metric(&m, r#"keygate_config_reloads_total{result="ok"}"#), Some(1.0));
+    assert_eq!(
+        metric(&m, r#"keygate_config_reloads_total{result="ok"}"#),
+        Some(1.0)
+    );
 }
 
 #[tokio::test]
@@ -58,21 +69,43 @@ async fn a_broken_file_is_refused_and_the_old_config_keeps_serving() {
     // Valid TOML that fails validation: an unknown plan, and a typo'd field.
     let mut broken = cfg.clone();
     broken.tiny_limit = 50;
-    let text = broken.render().replace("plan = \"pro\"", "plan = \"platinum\"");
+    let text = broken
+        .render()
+        .replace("plan = \"pro\"", "plan = \"platinum\"");
     write_file(&path, &text);
-    let err = kg.server.reload().expect_err("an unknown plan is refused").to_string();
+    let err = kg
+        .server
+        .reload()
+        .expect_err("an unknown plan is refused")
+        .to_string();
     assert!(err.contains("teams[1].plan"), "{err}");
-    write_file(&path, &broken.render().replace("[heartbeat]\n", "[heartbeat]\nwindw = \"1h\"\n"));
-    let err = kg.server.reload().expect_err("an unknown field is refused").to_string();
+    write_file(
+        &path,
+        &broken
+            .render()
+            .replace("[heartbeat]\n", "[heartbeat]\nwindw = \"1h\"\n"),
+    );
+    let err = kg
+        .server
+        .reload()
+        .expect_err("an unknown field is refused")
+        .to_string();
     assert!(err.contains("windw"), "{err}");
 
     // Everything answers as before.
-    assert_eq!(kg.get("/api/x", Some(TINY_KEY)).await.status, 429, "still the old quota, not 50");
+    assert_eq!(
+        kg.get("/api/x", Some(TINY_KEY)).await.status,
+        429,
+        "still the old quota, not 50"
+    );
     assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 200);
     assert_eq!(kg.get("/api/x", Some(BETA_KEY)).await.status, 200);
     kg.get("/api/x", None).await.assert_error(401, MISSING_KEY);
     let m = kg.metrics().await;
-    assert_eq!(metric(&m, r#"keygate_config_reloads_total{result="refused"}"#), Some(3.0));
+    assert_eq!(
+        metric(&m, r#"keygate_config_reloads_total{result="refused"}"#),
+        Some(3.0)
+    );
     assert_eq!(up.hits(), 3);
 }
 
@@ -110,11 +143,21 @@ async fn a_reload_can_revoke_a_key_and_move_the_upstream() {
     // the upstream moves.
     let mut moved = Cfg::new(other.addr);
     moved.tiny_limit = cfg.tiny_limit;
-    let text = moved.render().replace(&sha256_hex(BETA_KEY), &sha256_hex("kg_beta_rotated_000000009"));
+    let text = moved.render().replace(
+        &sha256_hex(BETA_KEY),
+        &sha256_hex("kg_beta_rotated_000000009"),
+    );
     write_file(&path, &text);
     kg.server.reload().unwrap();
-    kg.get("/api/x", Some(BETA_KEY)).await.assert_error(401, INVALID_KEY);
-    assert_eq!(kg.get("/api/x", Some("kg_beta_rotated_000000009")).await.status, 200);
+    kg.get("/api/x", Some(BETA_KEY))
+        .await
+        .assert_error(401, INVALID_KEY);
+    assert_eq!(
+        kg.get("/api/x", Some("kg_beta_rotated_000000009"))
+            .await
+            .status,
+        200
+    );
     assert_eq!((up.hits(), other.hits()), (1, 1));
 }
 
@@ -125,7 +168,9 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     let up = Upstream::start().await;
     let kg = Keygate::start(&base_toml(up.addr)).await;
     let in_flight = tokio::spawn(send(
-        kg.client.get(kg.url("/api/slow")).header("x-api-key", ALPHA_KEY),
+        kg.client
+            .get(kg.url("/api/slow"))
+            .header("x-api-key", ALPHA_KEY),
     ));
     up.slow_arrived().await;
 
@@ -139,8 +184,14 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(refused, "the proxy should stop accepting once shutdown starts");
-    assert!(!kg.is_finished(), "the server must wait for the request in flight");
+    assert!(
+        refused,
+        "the proxy should stop accepting once shutdown starts"
+    );
+    assert!(
+        !kg.is_finished(),
+        "the server must wait for the request in flight"
+    );
 
     up.release_slow(1);
     let r = tokio::time::timeout(Duration::from_secs(10), in_flight)
@@ -153,7 +204,10 @@ async fn graceful_shutdown_finishes_the_request_in_flight() {
     let admin = kg.admin;
     kg.stop().await;
     assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
-    assert!(tokio::net::TcpStream::connect(admin).await.is_err(), "the admin listener stops too");
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "the admin listener stops too"
+    );
 }
 
 /// A drain is bounded by `proxy.drain_timeout`: a request that never ends does not hold the
@@ -166,11 +220,16 @@ async fn drain_is_bounded() {
     let kg = Keygate::start(&cfg.render()).await;
     let client = kg.client.clone();
     let url = kg.url("/api/slow");
-    let in_flight = tokio::spawn(async move { client.get(url).header("x-api-key", ALPHA_KEY).send().await });
+    let in_flight =
+        tokio::spawn(async move { client.get(url).header("x-api-key", ALPHA_KEY).send().await });
     up.slow_arrived().await;
     let started = std::time::Instant::now();
     kg.stop().await;
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
     up.release_slow(1);
     in_flight.abort();
 }
@@ -201,7 +260,8 @@ async fn admin_health_and_readiness() {
 #[tokio::test]
 async fn shipped_config_works() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keygate.toml");
-    let shipped = Config::load(std::path::Path::new(path)).expect("config/keygate.toml must validate");
+    let shipped =
+        Config::load(std::path::Path::new(path)).expect("config/keygate.toml must validate");
     assert!(shipped.routes.iter().any(|r| r.public));
 
     let up = Upstream::start().await;
@@ -209,17 +269,27 @@ async fn shipped_config_works() {
     let text = std::fs::read_to_string(path)
         .unwrap()
         .replace("http://127.0.0.1:3000", &up.url())
-        .replace("dir = \"state\"", &format!("dir = {}", toml_str(&state.path().display().to_string())));
+        .replace(
+            "dir = \"state\"",
+            &format!("dir = {}", toml_str(&state.path().display().to_string())),
+        );
     assert_ne!(text, std::fs::read_to_string(path).unwrap());
     let kg = Keygate::start(&text).await;
     let key = keygate::demo::DEMO_KEY;
     assert_eq!(key, "kg_demo_0123456789abcdef");
 
-    kg.get("/api/posts", None).await.assert_error(401, MISSING_KEY);
-    kg.get("/api/posts", Some("wrong")).await.assert_error(401, INVALID_KEY);
+    kg.get("/api/posts", None)
+        .await
+        .assert_error(401, MISSING_KEY);
+    kg.get("/api/posts", Some("wrong"))
+        .await
+        .assert_error(401, INVALID_KEY);
     let r = kg.get("/api/posts", Some(key)).await;
     assert_eq!(r.status, 403);
-    assert!(r.body["error"].as_str().unwrap().starts_with("Plugin installation required: Please install the OutX"));
+    assert!(r.body["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("Plugin installation required: Please install the OutX"));
     assert_eq!(kg.post("/extension/heartbeat", Some(key)).await.status, 200);
     let r = kg.get("/api/posts", Some(key)).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -227,8 +297,13 @@ async fn shipped_config_works() {
     assert_eq!(r.echoed("x-keygate-key-id"), Some("demo-key"));
     assert_eq!(r.header("ratelimit-policy"), Some("\"free\";q=100;w=3600"));
     // Public OTP endpoints need no key; another team's resources are refused.
-    assert_eq!(kg.post("/linkedin-agent/auth-send-otp", None).await.status, 200);
-    kg.get("/teams/acme/tasks", Some(key)).await.assert_error(403, ACCESS_DENIED);
+    assert_eq!(
+        kg.post("/linkedin-agent/auth-send-otp", None).await.status,
+        200
+    );
+    kg.get("/teams/acme/tasks", Some(key))
+        .await
+        .assert_error(403, ACCESS_DENIED);
     // The usage route is answered by keygate itself.
     let hits = up.hits();
     let r = kg.get("/keygate/usage", Some(key)).await;
@@ -243,12 +318,14 @@ async fn shipped_config_works() {
 /// while starting or draining"; `Server::is_ready`: "accepting and not draining"), so a load
 /// balancer stops sending before the process goes away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: during the drain Server::is_ready() stays true until serve() returns, and the admin \
-            listener closes as soon as shutdown starts, so /readyz never answers 503"]
 async fn readiness_reports_the_drain() {
     let up = Upstream::start().await;
     let kg = Keygate::start(&base_toml(up.addr)).await;
-    let in_flight = tokio::spawn(send(kg.client.get(kg.url("/api/slow")).header("x-api-key", ALPHA_KEY)));
+    let in_flight = tokio::spawn(send(
+        kg.client
+            .get(kg.url("/api/slow"))
+            .header("x-api-key", ALPHA_KEY),
+    ));
     up.slow_arrived().await;
     kg.shutdown();
     let mut refused = false;
@@ -262,7 +339,12 @@ async fn readiness_reports_the_drain() {
     assert!(refused);
     // Draining: the request is still in flight.
     let ready = kg.server.is_ready();
-    let readyz = kg.client.get(kg.admin_url("/readyz")).send().await.map(|r| r.status().as_u16());
+    let readyz = kg
+        .client
+        .get(kg.admin_url("/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
     up.release_slow(1);
     assert_eq!(in_flight.await.unwrap().status, 200);
     kg.stop().await;
@@ -282,9 +364,11 @@ async fn idle_keep_alive_connections_are_closed() {
     cfg.proxy.push(r#"idle_timeout = "300ms""#.into());
     let kg = Keygate::start(&cfg.render()).await;
     let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
-    s.write_all(format!("GET /api/x HTTP/1.1\r\nHost: a\r\nx-api-key: {ALPHA_KEY}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET /api/x HTTP/1.1\r\nHost: a\r\nx-api-key: {ALPHA_KEY}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     // Read until the connection closes: the answer, then EOF once idle.
     let mut out = Vec::new();
     let started = std::time::Instant::now();
@@ -294,7 +378,10 @@ async fn idle_keep_alive_connections_are_closed() {
         .unwrap();
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(started.elapsed() >= Duration::from_millis(300), "closed before the idle timeout");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before the idle timeout"
+    );
 }
 
 /// A client that never finishes its request head is cut off after `proxy.header_read_timeout`
@@ -307,7 +394,9 @@ async fn slow_request_heads_are_cut_off() {
     cfg.proxy.push(r#"header_read_timeout = "300ms""#.into());
     let kg = Keygate::start(&cfg.render()).await;
     let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
-    s.write_all(b"GET /api/x HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    s.write_all(b"GET /api/x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
         .await

@@ -28,7 +28,9 @@ async fn exactly_n_of_n_plus_k_concurrent_requests_pass() {
             tokio::spawn(async move {
                 // One client per task: separate connections, truly concurrent requests.
                 let c = client();
-                let rb = c.get(kg.url(&format!("/api/n{i}"))).header("x-api-key", TINY_KEY);
+                let rb = c
+                    .get(kg.url(&format!("/api/n{i}")))
+                    .header("x-api-key", TINY_KEY);
                 barrier.wait().await;
                 send(rb).await.status
             })
@@ -41,7 +43,11 @@ async fn exactly_n_of_n_plus_k_concurrent_requests_pass() {
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     let limited = statuses.iter().filter(|&&s| s == 429).count();
     assert_eq!((ok, limited), (N, K), "statuses: {statuses:?}");
-    assert_eq!(up.hits(), N, "the upstream sees exactly the granted requests");
+    assert_eq!(
+        up.hits(),
+        N,
+        "the upstream sees exactly the granted requests"
+    );
 
     // Another team on the same keygate, meanwhile, is not limited by tiny's quota.
     let barrier = Arc::new(Barrier::new(N + K));
@@ -51,7 +57,9 @@ async fn exactly_n_of_n_plus_k_concurrent_requests_pass() {
             let barrier = barrier.clone();
             tokio::spawn(async move {
                 let c = client();
-                let rb = c.get(kg.url(&format!("/api/m{i}"))).header("x-api-key", ALPHA_KEY);
+                let rb = c
+                    .get(kg.url(&format!("/api/m{i}")))
+                    .header("x-api-key", ALPHA_KEY);
                 barrier.wait().await;
                 send(rb).await.status
             })
@@ -61,7 +69,11 @@ async fn exactly_n_of_n_plus_k_concurrent_requests_pass() {
     for t in tasks {
         ok += usize::from(t.await.unwrap() == 200);
     }
-    assert_eq!(ok, N + K, "alpha's 100/hour is its own, untouched by tiny's");
+    assert_eq!(
+        ok,
+        N + K,
+        "alpha's 100/hour is its own, untouched by tiny's"
+    );
     assert_eq!(up.hits(), N + N + K);
 }
 
@@ -86,7 +98,11 @@ async fn bucket_refills_with_the_clock() {
     let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
-    assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 429, "exactly one");
+    assert_eq!(
+        kg.get("/api/x", Some(ALPHA_KEY)).await.status,
+        429,
+        "exactly one"
+    );
     assert_eq!(up.hits(), 101);
     // A full hour refills the whole bucket.
     kg.clock.advance(Duration::from_secs(3600));
@@ -181,7 +197,11 @@ async fn pruning_buckets_is_invisible() {
     assert_eq!(kg.get("/api/x", Some(TINY_KEY)).await.status, 200);
     kg.server.gate.invalidate_all();
     kg.server.gate.prune();
-    assert_eq!(kg.get("/api/x", Some(TINY_KEY)).await.status, 429, "an exhausted bucket survives pruning");
+    assert_eq!(
+        kg.get("/api/x", Some(TINY_KEY)).await.status,
+        429,
+        "an exhausted bucket survives pruning"
+    );
     kg.clock.advance(Duration::from_secs(2 * 3600));
     kg.server.gate.invalidate_all();
     kg.server.gate.prune();

@@ -266,7 +266,12 @@ impl Validator<'_> {
         if span.start == 0 && span.end == 0 {
             return None; // a default, not from the file
         }
-        Some(self.text[..span.start.min(self.text.len())].matches('\n').count() + 1)
+        Some(
+            self.text[..span.start.min(self.text.len())]
+                .matches('\n')
+                .count()
+                + 1,
+        )
     }
 
     fn err<T>(&mut self, field: &str, at: Option<&Spanned<T>>, msg: impl std::fmt::Display) {
@@ -288,7 +293,10 @@ impl Validator<'_> {
             self.err(
                 field,
                 Some(s),
-                format_args!("{:?} is not an address:port such as \"127.0.0.1:8080\"", s.get_ref()),
+                format_args!(
+                    "{:?} is not an address:port such as \"127.0.0.1:8080\"",
+                    s.get_ref()
+                ),
             );
             SocketAddr::from(([127, 0, 0, 1], 0))
         })
@@ -300,10 +308,18 @@ impl Validator<'_> {
             self.err(field, Some(l), "requests must be at least 1");
         }
         if raw.per.is_zero() {
-            self.err(field, Some(l), "per must be a duration greater than zero, e.g. \"1h\"");
+            self.err(
+                field,
+                Some(l),
+                "per must be a duration greater than zero, e.g. \"1h\"",
+            );
         }
         if raw.burst == Some(0) {
-            self.err(field, Some(l), "burst must be at least 1 (or left out: burst = requests)");
+            self.err(
+                field,
+                Some(l),
+                "burst must be at least 1 (or left out: burst = requests)",
+            );
         }
         LimitSpec {
             requests: raw.requests.max(1),
@@ -317,7 +333,8 @@ impl Validator<'_> {
             listen: self.addr("proxy.listen", &f.proxy.listen),
             workers: f.proxy.workers,
             max_connections: f.proxy.max_connections,
-            header_read_timeout: self.positive("proxy.header_read_timeout", f.proxy.header_read_timeout),
+            header_read_timeout: self
+                .positive("proxy.header_read_timeout", f.proxy.header_read_timeout),
             idle_timeout: self.positive("proxy.idle_timeout", f.proxy.idle_timeout),
             body_timeout: self.positive("proxy.body_timeout", f.proxy.body_timeout),
             drain_timeout: f.proxy.drain_timeout,
@@ -343,7 +360,11 @@ impl Validator<'_> {
         let upstream = self.upstream(&f.upstream);
         let credentials = self.credentials(&f.credentials);
         for (env, prefix) in &f.keys.prefixes {
-            if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            if prefix.is_empty()
+                || !prefix
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
                 self.err::<()>(
                     &format!("keys.prefixes.{env}"),
                     None,
@@ -354,7 +375,8 @@ impl Validator<'_> {
         let keys = KeysConfig {
             prefixes: f.keys.prefixes,
             max_active_per_team: f.keys.max_active_per_team,
-            usage_flush_interval: self.positive("keys.usage_flush_interval", f.keys.usage_flush_interval),
+            usage_flush_interval: self
+                .positive("keys.usage_flush_interval", f.keys.usage_flush_interval),
         };
         let cache = CacheConfig {
             capacity: f.cache.capacity,
@@ -401,7 +423,11 @@ impl Validator<'_> {
         let mut plans = BTreeMap::new();
         for (name, plan) in &f.plans {
             if plan.limits.is_empty() {
-                self.err::<()>(&format!("plans.{name}.limits"), None, "a plan needs at least one limit");
+                self.err::<()>(
+                    &format!("plans.{name}.limits"),
+                    None,
+                    "a plan needs at least one limit",
+                );
             }
             let specs = plan
                 .limits
@@ -446,7 +472,10 @@ impl Validator<'_> {
                 self.err(
                     "upstream.url",
                     Some(&u.url),
-                    format_args!("{:?} is not an absolute URL such as \"http://127.0.0.1:3000\"", u.url.get_ref()),
+                    format_args!(
+                        "{:?} is not an absolute URL such as \"http://127.0.0.1:3000\"",
+                        u.url.get_ref()
+                    ),
                 );
                 Uri::from_static("http://127.0.0.1:1")
             }
@@ -484,10 +513,18 @@ impl Validator<'_> {
             }
         }
         if sources.is_empty() {
-            self.err("credentials.sources", Some(&c.sources), "name at least one source");
+            self.err(
+                "credentials.sources",
+                Some(&c.sources),
+                "name at least one source",
+            );
         }
         if c.max_key_length < 16 || c.max_key_length > 4096 {
-            self.err::<()>("credentials.max_key_length", None, "must be between 16 and 4096");
+            self.err::<()>(
+                "credentials.max_key_length",
+                None,
+                "must be between 16 and 4096",
+            );
         }
         CredentialsConfig {
             sources,
@@ -530,7 +567,11 @@ impl Validator<'_> {
         }
     }
 
-    fn teams(&mut self, teams: &[file::Team], plans: &BTreeMap<String, Vec<LimitSpec>>) -> Vec<TeamConfig> {
+    fn teams(
+        &mut self,
+        teams: &[file::Team],
+        plans: &BTreeMap<String, Vec<LimitSpec>>,
+    ) -> Vec<TeamConfig> {
         let mut seen_teams = HashSet::new();
         let mut seen_digests = HashSet::new();
         let mut seen_key_ids = HashSet::new();
@@ -546,7 +587,11 @@ impl Validator<'_> {
                 );
             }
             if !seen_teams.insert(id.clone()) {
-                self.err(&format!("{field}.id"), Some(&t.id), format_args!("team {id:?} is defined twice"));
+                self.err(
+                    &format!("{field}.id"),
+                    Some(&t.id),
+                    format_args!("team {id:?} is defined twice"),
+                );
             }
             let plan = match (&t.plan, &t.limits) {
                 (Some(p), None) => {
@@ -566,7 +611,11 @@ impl Validator<'_> {
                 }
                 (None, Some(limits)) => {
                     if limits.is_empty() {
-                        self.err(&format!("{field}.limits"), Some(&t.id), "custom limits need at least one limit");
+                        self.err(
+                            &format!("{field}.limits"),
+                            Some(&t.id),
+                            "custom limits need at least one limit",
+                        );
                     }
                     TeamPlan::Custom(
                         limits
@@ -603,9 +652,15 @@ impl Validator<'_> {
                 if !seen_digests.insert(digest) {
                     self.err(&kfield, Some(&k.sha256), "this key digest is listed twice");
                 }
-                let key_id = k.id.clone().unwrap_or_else(|| format!("kd_{}", &hex::encode(digest)[..12]));
+                let key_id =
+                    k.id.clone()
+                        .unwrap_or_else(|| format!("kd_{}", &hex::encode(digest)[..12]));
                 if !seen_key_ids.insert(key_id.clone()) {
-                    self.err(&kfield, Some(&k.sha256), format_args!("key id {key_id:?} is used twice"));
+                    self.err(
+                        &kfield,
+                        Some(&k.sha256),
+                        format_args!("key id {key_id:?} is used twice"),
+                    );
                 }
                 keys.push(KeyConfig {
                     id: key_id,
@@ -645,7 +700,11 @@ impl Validator<'_> {
                     }
                 }
                 if out.is_empty() {
-                    self.err(&format!("{field}.methods"), Some(ms), "list at least one method, or leave `methods` out for any");
+                    self.err(
+                        &format!("{field}.methods"),
+                        Some(ms),
+                        "list at least one method, or leave `methods` out for any",
+                    );
                 }
                 out
             });
@@ -657,12 +716,19 @@ impl Validator<'_> {
                     self.err(
                         &format!("{field}.heartbeat"),
                         Some(&r.heartbeat),
-                        format_args!("{other:?} is not one of \"required\", \"exempt\", \"record\""),
+                        format_args!(
+                            "{other:?} is not one of \"required\", \"exempt\", \"record\""
+                        ),
                     );
                     HeartbeatRule::Required
                 }
             };
-            if r.public && (r.usage || !r.scopes.is_empty() || r.team_param.is_some() || heartbeat == HeartbeatRule::Record) {
+            if r.public
+                && (r.usage
+                    || !r.scopes.is_empty()
+                    || r.team_param.is_some()
+                    || heartbeat == HeartbeatRule::Record)
+            {
                 self.err(
                     &format!("{field}.public"),
                     Some(&r.path),
@@ -693,8 +759,10 @@ impl Validator<'_> {
             });
         }
         if out.is_empty() {
-            self.errors
-                .push("routes: define at least one [[routes]] entry (e.g. path = \"/*\" for everything)".into());
+            self.errors.push(
+                "routes: define at least one [[routes]] entry (e.g. path = \"/*\" for everything)"
+                    .into(),
+            );
         }
         out
     }
@@ -702,7 +770,11 @@ impl Validator<'_> {
 
 /// Team ids and key ids: short, printable, safe in headers and logs.
 pub fn valid_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Parses a SHA-256 digest written as 64 hex digits.

@@ -88,8 +88,13 @@ fn a_team_needs_exactly_one_of_plan_or_limits() {
 
 #[test]
 fn unknown_error_message_codes_are_refused() {
-    let e = errors(&format!("{MINIMAL}\n[errors.messages]\nmissing_api_key = \"x\"\n"));
-    assert!(e[0].contains("missing_api_key") && e[0].contains("missing_key"), "{e:?}");
+    let e = errors(&format!(
+        "{MINIMAL}\n[errors.messages]\nmissing_api_key = \"x\"\n"
+    ));
+    assert!(
+        e[0].contains("missing_api_key") && e[0].contains("missing_key"),
+        "{e:?}"
+    );
 }
 
 /// Every config shipped in config/ loads.
@@ -118,20 +123,32 @@ fn the_example_config_is_the_pinned_one() {
     assert_eq!(c.plans["pro"][0].requests, 1000);
     let demo = &c.teams[0];
     assert_eq!(demo.id, "demo");
-    assert_eq!(demo.keys[0].digest, crate::gate::keys::digest(crate::demo::DEMO_KEY.as_bytes()));
-    assert!(!crate::demo::EXAMPLE_CONFIG.contains(crate::demo::DEMO_KEY) || {
-        // The plaintext may appear only in a comment.
-        crate::demo::EXAMPLE_CONFIG
-            .lines()
-            .filter(|l| l.contains(crate::demo::DEMO_KEY))
-            .all(|l| l.trim_start().starts_with('#'))
-    });
-    let heartbeat = c.routes.iter().find(|r| r.heartbeat == HeartbeatRule::Record).unwrap();
+    assert_eq!(
+        demo.keys[0].digest,
+        crate::gate::keys::digest(crate::demo::DEMO_KEY.as_bytes())
+    );
+    assert!(
+        !crate::demo::EXAMPLE_CONFIG.contains(crate::demo::DEMO_KEY) || {
+            // The plaintext may appear only in a comment.
+            crate::demo::EXAMPLE_CONFIG
+                .lines()
+                .filter(|l| l.contains(crate::demo::DEMO_KEY))
+                .all(|l| l.trim_start().starts_with('#'))
+        }
+    );
+    let heartbeat = c
+        .routes
+        .iter()
+        .find(|r| r.heartbeat == HeartbeatRule::Record)
+        .unwrap();
     assert_eq!(heartbeat.path, "/extension/heartbeat");
     assert!(c
         .routes
         .iter()
         .filter(|r| r.public)
         .map(|r| r.path.as_str())
-        .eq(["/linkedin-agent/auth-send-otp", "/linkedin-agent/auth-verify-otp"]));
+        .eq([
+            "/linkedin-agent/auth-send-otp",
+            "/linkedin-agent/auth-verify-otp"
+        ]));
 }

@@ -60,11 +60,17 @@ pub struct CredentialRules {
 }
 
 impl CredentialRules {
-    pub fn new(cfg: &CredentialsConfig, prefixes: &std::collections::BTreeMap<String, String>) -> Self {
+    pub fn new(
+        cfg: &CredentialsConfig,
+        prefixes: &std::collections::BTreeMap<String, String>,
+    ) -> Self {
         CredentialRules {
             sources: cfg.sources.clone(),
             max_len: cfg.max_key_length,
-            prefixes: prefixes.iter().map(|(e, p)| (e.clone(), p.clone())).collect(),
+            prefixes: prefixes
+                .iter()
+                .map(|(e, p)| (e.clone(), p.clone()))
+                .collect(),
         }
     }
 
@@ -108,7 +114,9 @@ impl CredentialRules {
                 _ => found = Some(value),
             }
         }
-        let Some(key) = found else { return Found::Missing };
+        let Some(key) = found else {
+            return Found::Missing;
+        };
         if key.len() > self.max_len || !key.iter().all(|&b| (0x21..=0x7e).contains(&b)) {
             return Found::Invalid;
         }
@@ -124,7 +132,10 @@ impl CredentialRules {
                 break;
             }
         }
-        Found::Key(Presented { bytes: key, environment })
+        Found::Key(Presented {
+            bytes: key,
+            environment,
+        })
     }
 }
 
@@ -140,14 +151,16 @@ fn bearer_token(v: &HeaderValue) -> Option<&[u8]> {
 
 fn named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
     headers.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_str().as_bytes()))
+        v.as_bytes().split(|&b| b == b',').any(|t| {
+            t.trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+        })
     })
 }
 
 fn is_issued_shape(body: &[u8]) -> bool {
-    body.len() == ISSUED_RANDOM_LEN + ISSUED_CHECKSUM_LEN && body.iter().all(u8::is_ascii_alphanumeric)
+    body.len() == ISSUED_RANDOM_LEN + ISSUED_CHECKSUM_LEN
+        && body.iter().all(u8::is_ascii_alphanumeric)
 }
 
 fn checksum_ok(prefix: &[u8], body: &[u8]) -> bool {
@@ -173,7 +186,9 @@ pub fn checksum(prefix: &[u8], random: &[u8]) -> [u8; ISSUED_CHECKSUM_LEN] {
 pub fn issue(prefix: &str) -> String {
     use rand::Rng;
     let mut rng = rand::rngs::OsRng;
-    let random: Vec<u8> = (0..ISSUED_RANDOM_LEN).map(|_| BASE62[rng.gen_range(0..62)]).collect();
+    let random: Vec<u8> = (0..ISSUED_RANDOM_LEN)
+        .map(|_| BASE62[rng.gen_range(0..62)])
+        .collect();
     let sum = checksum(prefix.as_bytes(), &random);
     let mut key = String::with_capacity(prefix.len() + ISSUED_RANDOM_LEN + ISSUED_CHECKSUM_LEN);
     key.push_str(prefix);
@@ -193,14 +208,20 @@ mod tests {
                 sources: sources.to_vec(),
                 max_key_length: 64,
             },
-            &BTreeMap::from([("live".into(), "sk_live_".into()), ("test".into(), "sk_test_".into())]),
+            &BTreeMap::from([
+                ("live".into(), "sk_live_".into()),
+                ("test".into(), "sk_test_".into()),
+            ]),
         )
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -215,14 +236,26 @@ mod tests {
     #[test]
     fn api_key_header() {
         let r = rules(&[CredentialSource::ApiKeyHeader]);
-        assert_eq!(key(r.find(&headers(&[("x-api-key", "abc123")]))), Some(b"abc123".to_vec()));
+        assert_eq!(
+            key(r.find(&headers(&[("x-api-key", "abc123")]))),
+            Some(b"abc123".to_vec())
+        );
         assert_eq!(r.find(&headers(&[])), Found::Missing);
         assert_eq!(r.find(&headers(&[("x-api-key", "")])), Found::Missing);
-        assert_eq!(r.find(&headers(&[("x-api-key", "a"), ("x-api-key", "a")])), Found::Invalid);
+        assert_eq!(
+            r.find(&headers(&[("x-api-key", "a"), ("x-api-key", "a")])),
+            Found::Invalid
+        );
         assert_eq!(r.find(&headers(&[("x-api-key", "a b")])), Found::Invalid);
-        assert_eq!(r.find(&headers(&[("x-api-key", &"k".repeat(65))])), Found::Invalid);
+        assert_eq!(
+            r.find(&headers(&[("x-api-key", &"k".repeat(65))])),
+            Found::Invalid
+        );
         // Bearer is not a source here.
-        assert_eq!(r.find(&headers(&[("authorization", "Bearer abc")])), Found::Missing);
+        assert_eq!(
+            r.find(&headers(&[("authorization", "Bearer abc")])),
+            Found::Missing
+        );
     }
 
     #[test]
@@ -238,15 +271,30 @@ mod tests {
     #[test]
     fn bearer_and_disagreement() {
         let r = rules(&[CredentialSource::ApiKeyHeader, CredentialSource::Bearer]);
-        assert_eq!(key(r.find(&headers(&[("authorization", "Bearer tok")]))), Some(b"tok".to_vec()));
-        assert_eq!(key(r.find(&headers(&[("authorization", "bearer  tok")]))), Some(b"tok".to_vec()));
-        assert_eq!(r.find(&headers(&[("authorization", "Basic dXNlcjpw")])), Found::Missing);
         assert_eq!(
-            key(r.find(&headers(&[("authorization", "Bearer same"), ("x-api-key", "same")]))),
+            key(r.find(&headers(&[("authorization", "Bearer tok")]))),
+            Some(b"tok".to_vec())
+        );
+        assert_eq!(
+            key(r.find(&headers(&[("authorization", "bearer  tok")]))),
+            Some(b"tok".to_vec())
+        );
+        assert_eq!(
+            r.find(&headers(&[("authorization", "Basic dXNlcjpw")])),
+            Found::Missing
+        );
+        assert_eq!(
+            key(r.find(&headers(&[
+                ("authorization", "Bearer same"),
+                ("x-api-key", "same")
+            ]))),
             Some(b"same".to_vec())
         );
         assert_eq!(
-            r.find(&headers(&[("authorization", "Bearer one"), ("x-api-key", "two")])),
+            r.find(&headers(&[
+                ("authorization", "Bearer one"),
+                ("x-api-key", "two")
+            ])),
             Found::Invalid
         );
     }
@@ -255,7 +303,10 @@ mod tests {
     fn a_key_named_in_connection_is_not_a_key() {
         let r = rules(&[CredentialSource::ApiKeyHeader]);
         assert_eq!(
-            r.find(&headers(&[("x-api-key", "abc"), ("connection", "keep-alive, X-Api-Key")])),
+            r.find(&headers(&[
+                ("x-api-key", "abc"),
+                ("connection", "keep-alive, X-Api-Key")
+            ])),
             Found::Missing
         );
     }
@@ -272,9 +323,18 @@ mod tests {
         // One changed character in the random part: refused without a lookup.
         let mut bad = k.clone().into_bytes();
         bad[10] = if bad[10] == b'a' { b'b' } else { b'a' };
-        assert_eq!(r.find(&headers(&[("x-api-key", std::str::from_utf8(&bad).unwrap())])), Found::Invalid);
+        assert_eq!(
+            r.find(&headers(&[(
+                "x-api-key",
+                std::str::from_utf8(&bad).unwrap()
+            )])),
+            Found::Invalid
+        );
         // Imported keys in another shape with the same prefix are checked by digest alone.
-        match r.find(&headers(&[("x-api-key", "sk_live_benchkey_0000000000000000000000")])) {
+        match r.find(&headers(&[(
+            "x-api-key",
+            "sk_live_benchkey_0000000000000000000000",
+        )])) {
             Found::Key(p) => assert_eq!(p.environment, None),
             other => panic!("{other:?}"),
         }

@@ -53,6 +53,8 @@ pub enum Denial {
     UpstreamUnavailable,
     /// The upstream did not answer within the request timeout.
     UpstreamTimeout,
+    /// The client's request body stalled longer than the body timeout.
+    RequestTimeout,
 }
 
 /// Status, machine code, structured-style code and default message of one denial kind.
@@ -64,7 +66,12 @@ pub struct Spec {
     pub message: &'static str,
 }
 
-const fn spec(status: u16, code: &'static str, structured_code: &'static str, message: &'static str) -> Spec {
+const fn spec(
+    status: u16,
+    code: &'static str,
+    structured_code: &'static str,
+    message: &'static str,
+) -> Spec {
     let status = match StatusCode::from_u16(status) {
         Ok(s) => s,
         Err(_) => panic!("bad status in the denial table"),
@@ -78,7 +85,7 @@ const fn spec(status: u16, code: &'static str, structured_code: &'static str, me
 }
 
 /// The denial table, indexed by [`Denial::index`]. Pinned by a test.
-static SPECS: [Spec; 14] = [
+static SPECS: [Spec; 15] = [
     spec(404, "not_found", "not_found", "Not Found"),
     spec(405, "method_not_allowed", "method_not_allowed", "Method Not Allowed"),
     spec(400, "bad_request", "bad_request", "Bad Request"),
@@ -98,11 +105,12 @@ static SPECS: [Spec; 14] = [
     spec(503, "store_unavailable", "service_unavailable", "Service Unavailable: the key store cannot be reached"),
     spec(502, "upstream_unavailable", "bad_gateway", "Bad Gateway: the upstream is unavailable"),
     spec(504, "upstream_timeout", "gateway_timeout", "Gateway Timeout: the upstream did not answer in time"),
+    spec(408, "request_timeout", "request_timeout", "Request Timeout: the request body stalled"),
 ];
 
 impl Denial {
     /// Every denial code, for config validation of `errors.messages`.
-    pub const CODES: [&'static str; 14] = [
+    pub const CODES: [&'static str; 15] = [
         "not_found",
         "method_not_allowed",
         "bad_request",
@@ -117,6 +125,7 @@ impl Denial {
         "store_unavailable",
         "upstream_unavailable",
         "upstream_timeout",
+        "request_timeout",
     ];
 
     /// Position in the denial table.
@@ -136,6 +145,7 @@ impl Denial {
             Denial::StoreUnavailable => 11,
             Denial::UpstreamUnavailable => 12,
             Denial::UpstreamTimeout => 13,
+            Denial::RequestTimeout => 14,
         }
     }
 
@@ -168,11 +178,16 @@ impl ErrorBodies {
         let bodies = SPECS
             .iter()
             .map(|s| {
-                let message = cfg.messages.get(s.code).map(String::as_str).unwrap_or(s.message);
+                let message = cfg
+                    .messages
+                    .get(s.code)
+                    .map(String::as_str)
+                    .unwrap_or(s.message);
                 let value = match cfg.style {
                     ErrorStyle::OutX => serde_json::json!({ "error": message }),
                     ErrorStyle::Structured => {
-                        let mut inner = serde_json::json!({ "code": s.structured_code, "message": message });
+                        let mut inner =
+                            serde_json::json!({ "code": s.structured_code, "message": message });
                         if let Some(url) = &cfg.doc_url {
                             inner["doc_url"] = serde_json::Value::String(url.clone());
                         }
@@ -234,12 +249,32 @@ mod tests {
                 403,
                 r#"{"error":"Access denied: You don't have permission to access this resource"}"#,
             ),
-            (Denial::MethodNotAllowed { group: 0 }, 405, r#"{"error":"Method Not Allowed"}"#),
-            (Denial::RateLimited(rate), 429, r#"{"error":"Too Many Requests: rate limit exceeded"}"#),
+            (
+                Denial::MethodNotAllowed { group: 0 },
+                405,
+                r#"{"error":"Method Not Allowed"}"#,
+            ),
+            (
+                Denial::RateLimited(rate),
+                429,
+                r#"{"error":"Too Many Requests: rate limit exceeded"}"#,
+            ),
             (Denial::NotFound, 404, r#"{"error":"Not Found"}"#),
-            (Denial::UpstreamUnavailable, 502, r#"{"error":"Bad Gateway: the upstream is unavailable"}"#),
-            (Denial::UpstreamTimeout, 504, r#"{"error":"Gateway Timeout: the upstream did not answer in time"}"#),
-            (Denial::StoreUnavailable, 503, r#"{"error":"Service Unavailable: the key store cannot be reached"}"#),
+            (
+                Denial::UpstreamUnavailable,
+                502,
+                r#"{"error":"Bad Gateway: the upstream is unavailable"}"#,
+            ),
+            (
+                Denial::UpstreamTimeout,
+                504,
+                r#"{"error":"Gateway Timeout: the upstream did not answer in time"}"#,
+            ),
+            (
+                Denial::StoreUnavailable,
+                503,
+                r#"{"error":"Service Unavailable: the key store cannot be reached"}"#,
+            ),
         ];
         for (d, status, body) in table {
             assert_eq!(d.status().as_u16(), *status, "{d:?}");
@@ -250,14 +285,16 @@ mod tests {
     #[test]
     fn messages_can_be_overridden_and_structured() {
         let mut cfg = outx();
-        cfg.messages.insert("plugin_required".into(), "Install the extension".into());
+        cfg.messages
+            .insert("plugin_required".into(), "Install the extension".into());
         assert_eq!(
             &ErrorBodies::new(&cfg).body(Denial::PluginRequired)[..],
             br#"{"error":"Install the extension"}"#
         );
         cfg.style = ErrorStyle::Structured;
         cfg.doc_url = Some("https://docs.example/auth".into());
-        let v: serde_json::Value = serde_json::from_slice(&ErrorBodies::new(&cfg).body(Denial::InvalidKey)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&ErrorBodies::new(&cfg).body(Denial::InvalidKey)).unwrap();
         assert_eq!(v["error"]["code"], "unauthorized");
         assert_eq!(v["error"]["message"], "Invalid API Key");
         assert_eq!(v["error"]["doc_url"], "https://docs.example/auth");

@@ -36,7 +36,9 @@ impl Beat {
         }
         if last > now {
             // The wall clock went back: count the beat as made now, once.
-            let _ = self.last_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire);
+            let _ = self
+                .last_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire);
             return true;
         }
         now - last <= window_ms
@@ -82,14 +84,15 @@ impl Heartbeats {
         self.record(&beat, now);
     }
 
-    /// Loads persisted heartbeats (at start), keeping the newer of memory and disk.
+    /// Loads persisted heartbeats (at start), keeping the newer of memory and disk. A team not
+    /// known yet is not counted as required until its team record says so ([`Heartbeats::beat`]).
     pub fn restore(&self, saved: impl IntoIterator<Item = (String, UnixMillis)>) {
         let mut map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
         for (team, at) in saved {
             let beat = map.entry(team.into()).or_insert_with(|| {
                 Arc::new(Beat {
                     last_ms: AtomicI64::new(NEVER),
-                    required: AtomicBool::new(true),
+                    required: AtomicBool::new(false),
                 })
             });
             beat.last_ms.fetch_max(at, Ordering::AcqRel);
@@ -160,7 +163,10 @@ mod tests {
         let now = 1_000 * H - 168 * H;
         assert!(b.fresh(now, 48 * H));
         assert!(b.fresh(now + 48 * H, 48 * H));
-        assert!(!b.fresh(now + 49 * H, 48 * H), "ages from when it was seen, not from the future");
+        assert!(
+            !b.fresh(now + 49 * H, 48 * H),
+            "ages from when it was seen, not from the future"
+        );
     }
 
     #[test]

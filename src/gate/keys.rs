@@ -51,7 +51,10 @@ pub struct TeamEntry {
 
 impl std::fmt::Debug for TeamEntry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TeamEntry").field("id", &self.id).field("plan", &self.plan).finish_non_exhaustive()
+        f.debug_struct("TeamEntry")
+            .field("id", &self.id)
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,9 +87,11 @@ impl std::fmt::Debug for KeyEntry {
 impl KeyEntry {
     /// Whether the key grants every scope in `required` (`*` grants all).
     pub fn has_scopes(&self, required: &[String]) -> bool {
-        required
-            .iter()
-            .all(|r| self.scopes.iter().any(|s| &**s == r.as_str() || &**s == "*"))
+        required.iter().all(|r| {
+            self.scopes
+                .iter()
+                .any(|s| &**s == r.as_str() || &**s == "*")
+        })
     }
 
     /// Revoked, or past its expiry.
@@ -205,7 +210,8 @@ pub enum Cached {
 
 impl KeyCache {
     pub fn new(cfg: &CacheConfig) -> Self {
-        let mirror: Arc<Mirror> = Arc::new(papaya::HashMap::builder().hasher(Hasher::new()).build());
+        let mirror: Arc<Mirror> =
+            Arc::new(papaya::HashMap::builder().hasher(Hasher::new()).build());
         let evicted = mirror.clone();
         KeyCache {
             positive: moka::sync::Cache::builder()
@@ -213,7 +219,9 @@ impl KeyCache {
                 .time_to_live(cfg.ttl)
                 .eviction_listener(move |d: Arc<Digest>, gone: Arc<KeyEntry>, _| {
                     // Only the entry moka dropped: a reload may already have put a new one there.
-                    let _ = evicted.pin().remove_if(&*d, |_, cur| Arc::ptr_eq(cur, &gone));
+                    let _ = evicted
+                        .pin()
+                        .remove_if(&*d, |_, cur| Arc::ptr_eq(cur, &gone));
                 })
                 .build_with_hasher(Hasher::new()),
             negative: moka::sync::Cache::builder()
@@ -240,7 +248,10 @@ impl KeyCache {
                     return Cached::Hit(e);
                 }
                 _ => {
-                    let _ = self.mirror.pin().remove_if(d, |_, cur| Arc::ptr_eq(cur, &e));
+                    let _ = self
+                        .mirror
+                        .pin()
+                        .remove_if(d, |_, cur| Arc::ptr_eq(cur, &e));
                     return Cached::Miss;
                 }
             }

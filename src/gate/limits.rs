@@ -91,8 +91,17 @@ impl LimiterRegistry {
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                let pname = if specs.len() == 1 { name.to_owned() } else { format!("{name}-{i}") };
-                format!("\"{}\";q={};w={}", pname, s.requests, s.per.as_secs().max(1))
+                let pname = if specs.len() == 1 {
+                    name.to_owned()
+                } else {
+                    format!("{name}-{i}")
+                };
+                format!(
+                    "\"{}\";q={};w={}",
+                    pname,
+                    s.requests,
+                    s.per.as_secs().max(1)
+                )
             })
             .collect::<Vec<_>>()
             .join(", ");
@@ -109,7 +118,8 @@ impl LimiterRegistry {
         let now = self.clock.monotonic().as_nanos() as u64;
         let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|(spec, _), b| {
-            let refill = (spec.per.as_nanos() as u64 / spec.requests.max(1) as u64).saturating_mul(spec.burst as u64);
+            let refill = (spec.per.as_nanos() as u64 / spec.requests.max(1) as u64)
+                .saturating_mul(spec.burst as u64);
             let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
             Arc::strong_count(b) > 1 || idle <= refill
         });
@@ -154,14 +164,16 @@ pub fn check(buckets: &[Arc<Bucket>], clock: &Clock) -> Result<Option<RateInfo>,
         let spec = &b.spec;
         let interval = spec.per.as_secs_f64() / spec.requests as f64;
         let result = b.limiter.check();
-        b.last_used.store(clock.monotonic().as_nanos() as u64, Ordering::Relaxed);
+        b.last_used
+            .store(clock.monotonic().as_nanos() as u64, Ordering::Relaxed);
         match result {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 let info = RateInfo {
                     limit: spec.requests,
                     remaining,
-                    reset_secs: (interval * (spec.burst - remaining.min(spec.burst)) as f64).ceil() as u64,
+                    reset_secs: (interval * (spec.burst - remaining.min(spec.burst)) as f64).ceil()
+                        as u64,
                     retry_after_secs: 0,
                 };
                 if tightest.is_none_or(|t| info.remaining < t.remaining) {
@@ -252,11 +264,21 @@ mod tests {
         let b = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
         check(&a, &clock).unwrap();
         check(&b, &clock).unwrap();
-        assert!(check(&a, &clock).is_err(), "a reload's new set sees the old bucket");
+        assert!(
+            check(&a, &clock).is_err(),
+            "a reload's new set sees the old bucket"
+        );
         drop((a, b));
-        assert_eq!(reg.prune(), 1, "not yet refilled: kept even though nothing holds it");
+        assert_eq!(
+            reg.prune(),
+            1,
+            "not yet refilled: kept even though nothing holds it"
+        );
         let c = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
-        assert!(check(&c, &clock).is_err(), "evicted entries do not reset the bucket");
+        assert!(
+            check(&c, &clock).is_err(),
+            "evicted entries do not reset the bucket"
+        );
         clock.advance(Duration::from_secs(7200));
         assert_eq!(reg.prune(), 1, "held by a cached entry: kept");
         drop(c);
@@ -266,6 +288,9 @@ mod tests {
     #[test]
     fn policy_header() {
         let reg = LimiterRegistry::new(Clock::manual(0));
-        assert_eq!(reg.set("free", &[spec(100, 3600, 100)]).policy_header, "\"free\";q=100;w=3600");
+        assert_eq!(
+            reg.set("free", &[spec(100, 3600, 100)]).policy_header,
+            "\"free\";q=100;w=3600"
+        );
     }
 }

@@ -8,7 +8,8 @@
 //!    alphabet, ambiguity, bad checksum of an issued key): 401 *invalid* with no lookup.
 //! 3. **key** — SHA-256 → cache. A known-unknown digest: 401 *invalid*. A miss returns
 //!    [`Check::Lookup`]; the caller loads it off the async workers ([`Gate::load`]) and calls
-//!    [`Gate::resume`]. Clients over the failed-authentication limit get 429 before any lookup.
+//!    [`Gate::resume`]. Addresses over the failed-authentication budget get 429 before any
+//!    lookup; only failures spend that budget.
 //! 4. **policy** — revoked or expired: 401 *invalid*; environment or team parameter: 403 access
 //!    denied; a missing scope: 403 insufficient scope.
 //! 5. **heartbeat** — the team's last heartbeat older than the window: 403 plugin required.
@@ -32,9 +33,9 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
-use governor::state::keyed::DefaultKeyedStateStore;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
+use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue, Method};
 
@@ -157,6 +158,20 @@ impl Snapshot {
     }
 }
 
+/// The per-address failed-authentication budget: failures take tokens; an address out of tokens
+/// is blocked (no store lookups, 429) until its next token is due. Successes cost nothing, so
+/// valid keys behind a shared address are never refused for others' failures.
+struct FailedAuth {
+    budget: RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, Clock, NoOpMiddleware<Nanos>>,
+    /// Blocked addresses → monotonic nanoseconds when they may try again.
+    blocked: moka::sync::Cache<IpAddr, u64, ahash::RandomState>,
+}
+
+/// Whole seconds, rounded up, and at least one.
+fn ceil_secs(d: std::time::Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
 /// The gate: the current snapshot plus the state that outlives snapshots.
 pub struct Gate {
     snapshot: ArcSwap<Snapshot>,
@@ -165,24 +180,41 @@ pub struct Gate {
     pub limiters: LimiterRegistry,
     pub heartbeats: Heartbeats,
     pub usage: UsageRegistry,
-    failed_auth: Option<RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, Clock, NoOpMiddleware<Nanos>>>,
+    failed_auth: Option<FailedAuth>,
     clock: Clock,
     metrics: Metrics,
 }
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gate").field("cache", &self.cache).finish_non_exhaustive()
+        f.debug_struct("Gate")
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
     }
 }
 
 impl Gate {
     /// Builds a gate for a validated config.
-    pub fn new(config: Arc<Config>, store: Arc<dyn KeyStore>, clock: Clock, metrics: Metrics) -> Gate {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn KeyStore>,
+        clock: Clock,
+        metrics: Metrics,
+    ) -> Gate {
         let limiters = LimiterRegistry::new(clock.clone());
         let heartbeats = Heartbeats::default();
-        let failed_auth = NonZeroU32::new(config.limits.failed_auth_per_minute)
-            .map(|n| RateLimiter::new(Quota::per_minute(n), DefaultKeyedStateStore::default(), clock.clone()));
+        let failed_auth =
+            NonZeroU32::new(config.limits.failed_auth_per_minute).map(|n| FailedAuth {
+                budget: RateLimiter::new(
+                    Quota::per_minute(n),
+                    DefaultKeyedStateStore::default(),
+                    clock.clone(),
+                ),
+                blocked: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(std::time::Duration::from_secs(3600))
+                    .build_with_hasher(ahash::RandomState::new()),
+            });
         let cache = KeyCache::new(&config.cache);
         let snap = build_snapshot(config, &limiters, &heartbeats, &metrics);
         Gate {
@@ -232,9 +264,9 @@ impl Gate {
 
     /// Drops idle rate-limit buckets and failed-authentication records; returns buckets kept.
     pub fn prune(&self) -> usize {
-        if let Some(l) = &self.failed_auth {
-            l.retain_recent();
-            l.shrink_to_fit();
+        if let Some(f) = &self.failed_auth {
+            f.budget.retain_recent();
+            f.budget.shrink_to_fit();
         }
         self.limiters.prune()
     }
@@ -272,7 +304,9 @@ impl Gate {
             Ok(m) => m,
             Err(Miss::NotFound) => return Check::Denied(Denial::NotFound, None),
             Err(Miss::BadPath) => return Check::Denied(Denial::BadRequest, None),
-            Err(Miss::MethodNotAllowed { group }) => return Check::Denied(Denial::MethodNotAllowed { group }, None),
+            Err(Miss::MethodNotAllowed { group }) => {
+                return Check::Denied(Denial::MethodNotAllowed { group }, None)
+            }
         };
         let route = &snap.routes.get(matched.index).config;
         if route.public {
@@ -289,8 +323,7 @@ impl Gate {
         };
         let entry = match loaded {
             Some(Ok(e)) => e,
-            // The lookup was already charged to the client's budget by `admit_uncached`.
-            Some(Err(LoadError::Unknown)) => return Check::Denied(Denial::InvalidKey, None),
+            Some(Err(LoadError::Unknown)) => return self.failed_auth(head.peer, None),
             Some(Err(LoadError::Store(_))) => return Check::Denied(Denial::StoreUnavailable, None),
             None => {
                 let d = keys::digest(presented.bytes);
@@ -304,7 +337,7 @@ impl Gate {
                         if let Some(d) = self.admit_uncached(head.peer) {
                             return Check::Denied(d, None);
                         }
-                        return Check::Denied(Denial::InvalidKey, None);
+                        return self.failed_auth(head.peer, None);
                     }
                     Cached::Miss => {
                         self.metrics.cache_miss.inc();
@@ -363,26 +396,29 @@ impl Gate {
 
     /// An *invalid key* answer, charged to the client address's failed-authentication budget.
     fn failed_auth(&self, peer: IpAddr, key: Option<Arc<KeyEntry>>) -> Check {
-        if let Some(l) = &self.failed_auth {
-            let _ = l.check_key(&peer);
+        if let Some(f) = &self.failed_auth {
+            if let Err(not_until) = f.budget.check_key(&peer) {
+                let now = governor::clock::Clock::now(&self.clock);
+                let until = now.as_u64() + not_until.wait_time_from(now).as_nanos() as u64;
+                f.blocked.insert(peer, until);
+            }
         }
         Check::Denied(Denial::InvalidKey, key)
     }
 
-    /// Charges a key that is not in the positive cache (a lookup, or a known-unknown digest) to
-    /// the client address's budget, refusing it when the budget is spent. Keys already cached are
-    /// never charged, so valid keys behind a shared address keep working during an attack.
+    /// Refuses a key that is not in the positive cache when its address is blocked, before any
+    /// lookup. Keys already cached are never refused here.
     fn admit_uncached(&self, peer: IpAddr) -> Option<Denial> {
-        let l = self.failed_auth.as_ref()?;
-        match l.check_key(&peer) {
-            Ok(()) => None,
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(l.clock()));
-                Some(Denial::TooManyFailedAuth {
-                    retry_after_secs: wait.as_secs().max(1),
-                })
-            }
+        let f = self.failed_auth.as_ref()?;
+        let until = f.blocked.get(&peer)?;
+        let now = self.clock.monotonic().as_nanos() as u64;
+        if until <= now {
+            f.blocked.invalidate(&peer);
+            return None;
         }
+        Some(Denial::TooManyFailedAuth {
+            retry_after_secs: ceil_secs(std::time::Duration::from_nanos(until - now)),
+        })
     }
 
     /// Resolves a digest through the cache and the store (blocking; one load per digest).
@@ -445,9 +481,14 @@ impl Gate {
     pub fn team_entry(&self, snap: &Snapshot, t: &StoredTeam) -> Option<Arc<TeamEntry>> {
         let (plan, limits) = match &t.plan {
             Some(p) => (p.clone(), snap.plans.get(p)?.clone()),
-            None => ("custom".to_owned(), self.limiters.set(&format!("{}-custom", t.id), &t.limits)),
+            None => (
+                "custom".to_owned(),
+                self.limiters.set(&format!("{}-custom", t.id), &t.limits),
+            ),
         };
-        let required = t.heartbeat_required.unwrap_or(snap.config.heartbeat.required);
+        let required = t
+            .heartbeat_required
+            .unwrap_or(snap.config.heartbeat.required);
         make_team(&t.id, &plan, limits, required, &self.heartbeats)
     }
 
@@ -475,7 +516,12 @@ fn make_team(
     }))
 }
 
-fn build_snapshot(config: Arc<Config>, limiters: &LimiterRegistry, heartbeats: &Heartbeats, metrics: &Metrics) -> Snapshot {
+fn build_snapshot(
+    config: Arc<Config>,
+    limiters: &LimiterRegistry,
+    heartbeats: &Heartbeats,
+    metrics: &Metrics,
+) -> Snapshot {
     let plans: HashMap<String, Arc<LimitSet>> = config
         .plans
         .iter()
@@ -489,10 +535,15 @@ fn build_snapshot(config: Arc<Config>, limiters: &LimiterRegistry, heartbeats: &
                 Some(l) => (p.clone(), l.clone()),
                 None => continue, // refused by validation
             },
-            TeamPlan::Custom(specs) => ("custom".to_owned(), limiters.set(&format!("{}-custom", t.id), specs)),
+            TeamPlan::Custom(specs) => (
+                "custom".to_owned(),
+                limiters.set(&format!("{}-custom", t.id), specs),
+            ),
         };
         let required = t.heartbeat_required.unwrap_or(config.heartbeat.required);
-        let Some(team) = make_team(&t.id, &plan, limits, required, heartbeats) else { continue };
+        let Some(team) = make_team(&t.id, &plan, limits, required, heartbeats) else {
+            continue;
+        };
         teams.insert(t.id.clone(), team);
         for k in &t.keys {
             declared.insert(
@@ -520,7 +571,13 @@ fn build_snapshot(config: Arc<Config>, limiters: &LimiterRegistry, heartbeats: &
         .chain(std::iter::once("none"))
         .map(|name| {
             (0..Outcome::COUNT)
-                .map(|i| metrics.striped(metrics.requests.with_label_values(&[name, Outcome::label(i)])))
+                .map(|i| {
+                    metrics.striped(
+                        metrics
+                            .requests
+                            .with_label_values(&[name, Outcome::label(i)]),
+                    )
+                })
                 .collect()
         })
         .collect();

@@ -5,8 +5,10 @@
 //! routes that repeat that exact pattern split it by method. A matching path whose routes allow
 //! none of the request's method is a 405 listing the methods they do allow. `GET` implies `HEAD`.
 //!
-//! Paths that a server behind us might normalise into another route (dot segments, encoded `/`
-//! or `\`) are refused as bad requests rather than guessed at.
+//! Paths that a server behind us might normalise into another route are refused as bad requests
+//! rather than guessed at: dot segments (plain or encoded), empty segments (`//`, which many
+//! servers merge), percent-encoded unreserved characters (`%74eams` is `teams` to a server that
+//! normalises per RFC 3986 §6.2.2.2), encoded `/` or `\`, a raw `\`, and malformed escapes.
 
 use http::{HeaderValue, Method};
 
@@ -33,7 +35,11 @@ impl Pattern {
         };
         let mut segments = Vec::new();
         let mut rest = false;
-        let parts: Vec<&str> = if body.is_empty() { Vec::new() } else { body.split('/').collect() };
+        let parts: Vec<&str> = if body.is_empty() {
+            Vec::new()
+        } else {
+            body.split('/').collect()
+        };
         for (i, seg) in parts.iter().enumerate() {
             if *seg == "*" {
                 if i + 1 != parts.len() {
@@ -41,14 +47,19 @@ impl Pattern {
                 }
                 rest = true;
             } else if let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                    return Err(format!("{text:?}: {{{name}}} is not a valid parameter name"));
+                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                {
+                    return Err(format!(
+                        "{text:?}: {{{name}}} is not a valid parameter name"
+                    ));
                 }
                 segments.push(Segment::Param(name.to_owned()));
             } else if seg.is_empty() && i + 1 != parts.len() {
                 return Err(format!("{text:?} has an empty segment"));
             } else if seg.contains(['{', '}', '*', '?', '#']) {
-                return Err(format!("{text:?}: segment {seg:?} mixes literal text with '{{', '}}', '*', '?' or '#'"));
+                return Err(format!(
+                    "{text:?}: segment {seg:?} mixes literal text with '{{', '}}', '*', '?' or '#'"
+                ));
             } else {
                 segments.push(Segment::Literal((*seg).to_owned()));
             }
@@ -60,7 +71,11 @@ impl Pattern {
     /// the pattern has it (or `Some("")` when `want` is `None`).
     fn matches<'p>(&self, path: &'p str, want: Option<&str>) -> Option<&'p str> {
         let body = &path[1..];
-        let mut parts = if body.is_empty() { None } else { Some(body.split('/')) };
+        let mut parts = if body.is_empty() {
+            None
+        } else {
+            Some(body.split('/'))
+        };
         let mut captured = "";
         for seg in &self.segments {
             let got = parts.as_mut()?.next()?;
@@ -206,7 +221,9 @@ impl RouteTable {
             }
             let allowed = match &r.config.methods {
                 None => true,
-                Some(ms) => ms.iter().any(|m| m == method || (method == Method::HEAD && m == Method::GET)),
+                Some(ms) => ms
+                    .iter()
+                    .any(|m| m == method || (method == Method::HEAD && m == Method::GET)),
             };
             if allowed {
                 let team_param = match &r.config.team_param {
@@ -223,27 +240,49 @@ impl RouteTable {
     }
 }
 
-/// A path is safe when it starts with '/' and has no segment that a server behind us could
-/// resolve differently: `.`/`..` (plain or percent-encoded), encoded `/` or `\`, or a raw `\`.
+/// A path is safe when it starts with '/' and a server behind us cannot resolve it to another
+/// path (see the module docs).
 fn safe_path(path: &str) -> bool {
     let b = path.as_bytes();
     if b.first() != Some(&b'/') {
         return false;
     }
-    // Fast path: no '%', '.' or '\' at all.
-    if !b.iter().any(|&c| c == b'%' || c == b'.' || c == b'\\') {
+    // Fast path: nothing that could need a closer look.
+    if !b.iter().any(|&c| c == b'%' || c == b'.' || c == b'\\') && !path.contains("//") {
         return true;
     }
     if b.contains(&b'\\') {
         return false;
     }
-    for seg in path[1..].split('/') {
-        let lower = seg.to_ascii_lowercase();
-        if lower.contains("%2f") || lower.contains("%5c") {
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        // A trailing slash is an empty last segment, and fine; `//` anywhere else is not.
+        if seg.is_empty() && i != last {
             return false;
         }
-        let dots = lower.replace("%2e", ".");
-        if dots == "." || dots == ".." {
+        let mut decoded = Vec::with_capacity(seg.len());
+        let sb = seg.as_bytes();
+        let mut j = 0;
+        while j < sb.len() {
+            if sb[j] == b'%' {
+                let hex = sb
+                    .get(j + 1..j + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
+                    return false; // malformed escape
+                };
+                if v.is_ascii_alphanumeric() || b"-._~/\\".contains(&v) {
+                    return false; // an escape a normaliser would undo
+                }
+                decoded.push(v);
+                j += 3;
+            } else {
+                decoded.push(sb[j]);
+                j += 1;
+            }
+        }
+        if decoded == b"." || decoded == b".." {
             return false;
         }
     }
@@ -259,7 +298,11 @@ mod tests {
         RouteConfig {
             name: path.into(),
             path: path.into(),
-            methods: methods.map(|ms| ms.iter().map(|m| Method::from_bytes(m.as_bytes()).unwrap()).collect()),
+            methods: methods.map(|ms| {
+                ms.iter()
+                    .map(|m| Method::from_bytes(m.as_bytes()).unwrap())
+                    .collect()
+            }),
             public: false,
             heartbeat: HeartbeatRule::Required,
             rate_limited: true,
@@ -302,7 +345,10 @@ mod tests {
             route("/items", Some(&["POST", "DELETE"])),
             route("/*", None),
         ]);
-        assert_eq!(t.find(&Method::POST, "/extension/heartbeat").unwrap().index, 0);
+        assert_eq!(
+            t.find(&Method::POST, "/extension/heartbeat").unwrap().index,
+            0
+        );
         assert_eq!(
             t.find(&Method::GET, "/extension/heartbeat").unwrap_err(),
             Miss::MethodNotAllowed { group: 0 }
@@ -311,7 +357,9 @@ mod tests {
         assert_eq!(t.find(&Method::GET, "/items").unwrap().index, 1);
         assert_eq!(t.find(&Method::HEAD, "/items").unwrap().index, 1);
         assert_eq!(t.find(&Method::DELETE, "/items").unwrap().index, 2);
-        let Err(Miss::MethodNotAllowed { group }) = t.find(&Method::PUT, "/items") else { panic!() };
+        let Err(Miss::MethodNotAllowed { group }) = t.find(&Method::PUT, "/items") else {
+            panic!()
+        };
         assert_eq!(t.allow(group), "DELETE, GET, HEAD, POST");
         assert_eq!(t.find(&Method::PATCH, "/other/x").unwrap().index, 3);
     }
@@ -327,18 +375,46 @@ mod tests {
         let mut r = route("/teams/{team}/tasks/{task}", None);
         r.team_param = Some("team".into());
         let t = RouteTable::new(&[r]);
-        assert_eq!(t.find(&Method::GET, "/teams/t1/tasks/9").unwrap().team_param, Some("t1"));
+        assert_eq!(
+            t.find(&Method::GET, "/teams/t1/tasks/9")
+                .unwrap()
+                .team_param,
+            Some("t1")
+        );
     }
 
     #[test]
     fn ambiguous_paths_are_refused() {
         let t = RouteTable::new(&[route("/*", None)]);
         for p in [
-            "/a/../b", "/a/./b", "/..", "/a/%2e%2e/b", "/a/%2E./b", "/a%2fb", "/a%5Cb", "/a\\b", "x",
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a\\b",
+            "x",
+            "/%74eams/x",
+            "//teams/x",
+            "/teams//x",
+            "/%41",
+            "/a%7e",
+            "/a%zz",
+            "/a%2",
         ] {
             assert_eq!(t.find(&Method::GET, p).unwrap_err(), Miss::BadPath, "{p}");
         }
-        for p in ["/a.json", "/v1.2/x", "/a/...", "/%41"] {
+        for p in [
+            "/a.json",
+            "/v1.2/x",
+            "/a/...",
+            "/search/a%20b",
+            "/q/%E2%82%AC",
+            "/a/",
+            "/",
+        ] {
             assert!(t.find(&Method::GET, p).is_ok(), "{p}");
         }
     }

@@ -67,7 +67,12 @@ fn fixture(extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).unwrap());
     let clock = Clock::manual(T0);
-    let gate = Arc::new(Gate::new(config(extra), store.clone(), clock.clone(), Metrics::standalone()));
+    let gate = Arc::new(Gate::new(
+        config(extra),
+        store.clone(),
+        clock.clone(),
+        Metrics::standalone(),
+    ));
     Fixture {
         gate,
         clock,
@@ -88,7 +93,13 @@ const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 impl Fixture {
     /// A full check, loading on a miss as the proxy does.
-    fn check_from(&self, method: Method, path: &str, key: Option<&str>, peer: IpAddr) -> Result<Grant, Denial> {
+    fn check_from(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        peer: IpAddr,
+    ) -> Result<Grant, Denial> {
         let h = headers(key);
         let head = RequestHead {
             method: &method,
@@ -114,7 +125,13 @@ impl Fixture {
         self.check(method, path, key).err()
     }
 
-    fn deny_from(&self, method: Method, path: &str, key: Option<&str>, peer: IpAddr) -> Option<Denial> {
+    fn deny_from(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        peer: IpAddr,
+    ) -> Option<Denial> {
         self.check_from(method, path, key, peer).err()
     }
 
@@ -123,7 +140,8 @@ impl Fixture {
     }
 
     fn beat(&self) {
-        self.check(Method::POST, "/extension/heartbeat", Some(DEMO_KEY)).unwrap();
+        self.check(Method::POST, "/extension/heartbeat", Some(DEMO_KEY))
+            .unwrap();
     }
 
     fn lookups(&self) -> u64 {
@@ -168,8 +186,13 @@ impl Fixture {
 #[test]
 fn route_checks_come_before_the_key() {
     let f = fixture("");
-    assert_eq!(f.deny(Method::GET, "/a/../b", None), Some(Denial::BadRequest));
-    let Err(Denial::MethodNotAllowed { group }) = f.check(Method::GET, "/extension/heartbeat", None) else {
+    assert_eq!(
+        f.deny(Method::GET, "/a/../b", None),
+        Some(Denial::BadRequest)
+    );
+    let Err(Denial::MethodNotAllowed { group }) =
+        f.check(Method::GET, "/extension/heartbeat", None)
+    else {
         panic!()
     };
     assert_eq!(f.gate.snapshot().routes.allow(group), "POST");
@@ -181,10 +204,20 @@ fn route_checks_come_before_the_key() {
 #[test]
 fn unknown_keys_are_looked_up_once_then_cached_negatively() {
     let f = fixture("");
-    assert_eq!(f.deny(Method::GET, "/x", Some("nope_nope_nope")), Some(Denial::InvalidKey));
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some("nope_nope_nope")),
+        Some(Denial::InvalidKey)
+    );
     assert_eq!(f.lookups(), 1);
-    assert_eq!(f.deny(Method::GET, "/x", Some("nope_nope_nope")), Some(Denial::InvalidKey));
-    assert_eq!(f.lookups(), 1, "the second refusal came from the negative cache");
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some("nope_nope_nope")),
+        Some(Denial::InvalidKey)
+    );
+    assert_eq!(
+        f.lookups(),
+        1,
+        "the second refusal came from the negative cache"
+    );
 }
 
 #[test]
@@ -194,7 +227,10 @@ fn a_bad_checksum_never_reaches_the_store() {
     let mut bad = key.into_bytes();
     bad[12] = if bad[12] == b'x' { b'y' } else { b'x' };
     let bad = String::from_utf8(bad).unwrap();
-    assert_eq!(f.deny(Method::GET, "/x", Some(&bad)), Some(Denial::InvalidKey));
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some(&bad)),
+        Some(Denial::InvalidKey)
+    );
     assert_eq!(f.lookups(), 0);
 }
 
@@ -203,22 +239,38 @@ fn policy_then_heartbeat_then_limits_and_denials_spend_no_quota() {
     let f = fixture("");
     // Stale heartbeat: refused, and no quota spent however often.
     for _ in 0..10 {
-        assert_eq!(f.deny(Method::GET, "/x", Some(DEMO_KEY)), Some(Denial::PluginRequired));
+        assert_eq!(
+            f.deny(Method::GET, "/x", Some(DEMO_KEY)),
+            Some(Denial::PluginRequired)
+        );
     }
     // Wrong team and missing scope come before the heartbeat and limits too.
-    assert_eq!(f.deny(Method::GET, "/teams/other/t", Some(DEMO_KEY)), Some(Denial::AccessDenied));
-    assert_eq!(f.deny(Method::GET, "/write", Some(DEMO_KEY)), Some(Denial::InsufficientScope));
+    assert_eq!(
+        f.deny(Method::GET, "/teams/other/t", Some(DEMO_KEY)),
+        Some(Denial::AccessDenied)
+    );
+    assert_eq!(
+        f.deny(Method::GET, "/write", Some(DEMO_KEY)),
+        Some(Denial::InsufficientScope)
+    );
     f.beat();
     for remaining in [2, 1, 0] {
         let g = f.check(Method::GET, "/x", Some(DEMO_KEY)).unwrap();
         assert_eq!(g.rate.unwrap().remaining, remaining);
     }
-    let Err(Denial::RateLimited(info)) = f.check(Method::GET, "/x", Some(DEMO_KEY)) else { panic!() };
+    let Err(Denial::RateLimited(info)) = f.check(Method::GET, "/x", Some(DEMO_KEY)) else {
+        panic!()
+    };
     assert_eq!(info.retry_after_secs, 1200);
     // The team's own resources are fine, and rate limited like the rest.
-    assert!(matches!(f.check(Method::GET, "/teams/demo/t", Some(DEMO_KEY)), Err(Denial::RateLimited(_))));
+    assert!(matches!(
+        f.check(Method::GET, "/teams/demo/t", Some(DEMO_KEY)),
+        Err(Denial::RateLimited(_))
+    ));
     f.clock.advance(Duration::from_secs(1200));
-    assert!(f.check(Method::GET, "/teams/demo/t", Some(DEMO_KEY)).is_ok());
+    assert!(f
+        .check(Method::GET, "/teams/demo/t", Some(DEMO_KEY))
+        .is_ok());
 }
 
 #[test]
@@ -228,8 +280,16 @@ fn heartbeat_window_is_driven_by_the_clock() {
     f.clock.advance(Duration::from_secs(48 * 3600));
     assert!(f.check(Method::GET, "/x", Some(DEMO_KEY)).is_ok());
     f.clock.advance(Duration::from_secs(1));
-    assert_eq!(f.deny(Method::GET, "/x", Some(DEMO_KEY)), Some(Denial::PluginRequired));
-    assert_eq!(f.gate.heartbeats.stale(f.clock.now().wall_ms, 48 * 3600 * 1000), 1);
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some(DEMO_KEY)),
+        Some(Denial::PluginRequired)
+    );
+    assert_eq!(
+        f.gate
+            .heartbeats
+            .stale(f.clock.now().wall_ms, 48 * 3600 * 1000),
+        1
+    );
     f.beat();
     assert!(f.check(Method::GET, "/x", Some(DEMO_KEY)).is_ok());
 }
@@ -241,12 +301,19 @@ fn revoked_and_expired_keys_are_invalid_at_once() {
     assert!(f.check(Method::GET, "/x", Some(&key)).is_ok());
     // Expiry is checked on every request, cached or not.
     f.clock.advance(Duration::from_secs(60));
-    assert_eq!(f.deny(Method::GET, "/x", Some(&key)), Some(Denial::InvalidKey));
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some(&key)),
+        Some(Denial::InvalidKey)
+    );
     let (key2, id2) = f.issue("acme", &[], None);
     assert!(f.check(Method::GET, "/x", Some(&key2)).is_ok());
     f.store.revoke_key(&id2, T0).unwrap();
-    f.gate.invalidate(&f.store.key_digest(&id2).unwrap().unwrap());
-    assert_eq!(f.deny(Method::GET, "/x", Some(&key2)), Some(Denial::InvalidKey));
+    f.gate
+        .invalidate(&f.store.key_digest(&id2).unwrap().unwrap());
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some(&key2)),
+        Some(Denial::InvalidKey)
+    );
     let _ = id;
 }
 
@@ -290,7 +357,12 @@ fn exactly_n_of_n_plus_k_concurrent_requests_pass() {
             })
         })
         .collect();
-    let passed = handles.into_iter().filter(|_| true).map(|h| h.join().unwrap()).filter(|ok| *ok).count();
+    let passed = handles
+        .into_iter()
+        .filter(|_| true)
+        .map(|h| h.join().unwrap())
+        .filter(|ok| *ok)
+        .count();
     assert_eq!(passed, 3);
 }
 
@@ -303,18 +375,66 @@ fn a_key_spraying_client_is_cut_off_and_valid_keys_keep_working() {
     for i in 0..50 {
         let _ = f.check(Method::GET, "/x", Some(&format!("random_key_{i:08}")));
     }
-    assert!(f.lookups() <= 5, "store lookups stay within the budget: {}", f.lookups());
+    // Five failures are the budget; the sixth finds it empty and blocks the address.
+    assert_eq!(f.lookups(), 6, "store lookups stay within the budget");
     assert!(matches!(
         f.check(Method::GET, "/x", Some("random_key_again")),
         Err(Denial::TooManyFailedAuth { .. })
     ));
-    assert!(f.check(Method::GET, "/x", Some(DEMO_KEY)).is_ok(), "a cached key still works");
+    assert!(
+        f.check(Method::GET, "/x", Some(DEMO_KEY)).is_ok(),
+        "a cached key still works"
+    );
     // Another address is not affected.
     let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-    assert_eq!(f.deny_from(Method::GET, "/x", Some("random_key_zzz"), other), Some(Denial::InvalidKey));
+    assert_eq!(
+        f.deny_from(Method::GET, "/x", Some("random_key_zzz"), other),
+        Some(Denial::InvalidKey)
+    );
     // The budget refills with time.
     f.clock.advance(Duration::from_secs(60));
-    assert_eq!(f.deny(Method::GET, "/x", Some("random_key_later")), Some(Denial::InvalidKey));
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some("random_key_later")),
+        Some(Denial::InvalidKey)
+    );
+}
+
+#[test]
+fn valid_keys_never_spend_the_failed_auth_budget() {
+    let f = fixture("");
+    f.beat();
+    // Far more uncached successes than the budget (a reload or expiry empties the cache).
+    for _ in 0..20 {
+        f.gate.invalidate_all();
+        assert!(f
+            .check(Method::POST, "/extension/heartbeat", Some(DEMO_KEY))
+            .is_ok());
+    }
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some("random_key_1")),
+        Some(Denial::InvalidKey)
+    );
+}
+
+#[test]
+fn too_many_failed_auth_retry_after_rounds_up() {
+    let f = fixture("");
+    for i in 0..6 {
+        let _ = f.check(Method::GET, "/x", Some(&format!("random_key_{i:08}")));
+    }
+    f.clock.advance(Duration::from_millis(500));
+    let Some(Denial::TooManyFailedAuth { retry_after_secs }) =
+        f.deny(Method::GET, "/x", Some("random_key_x"))
+    else {
+        panic!()
+    };
+    // One token per 12 s; half a second has passed: 11.5 s left, said as 12.
+    assert_eq!(retry_after_secs, 12);
+    f.clock.advance(Duration::from_millis(11_500));
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some("random_key_y")),
+        Some(Denial::InvalidKey)
+    );
 }
 
 #[test]
@@ -324,10 +444,16 @@ fn reload_keeps_buckets_and_applies_new_plans() {
     for _ in 0..3 {
         f.check(Method::GET, "/x", Some(DEMO_KEY)).unwrap();
     }
-    assert!(matches!(f.check(Method::GET, "/x", Some(DEMO_KEY)), Err(Denial::RateLimited(_))));
+    assert!(matches!(
+        f.check(Method::GET, "/x", Some(DEMO_KEY)),
+        Err(Denial::RateLimited(_))
+    ));
     f.gate.reload(config("[heartbeat]\nwindow = \"72h\""));
     assert!(
-        matches!(f.check(Method::GET, "/x", Some(DEMO_KEY)), Err(Denial::RateLimited(_))),
+        matches!(
+            f.check(Method::GET, "/x", Some(DEMO_KEY)),
+            Err(Denial::RateLimited(_))
+        ),
         "an unchanged quota keeps its bucket"
     );
     let bigger = config("").as_ref().clone();
@@ -341,7 +467,10 @@ fn reload_keeps_buckets_and_applies_new_plans() {
         }],
     );
     f.gate.reload(Arc::new(bigger));
-    assert!(f.check(Method::GET, "/x", Some(DEMO_KEY)).is_ok(), "a new quota applies at once");
+    assert!(
+        f.check(Method::GET, "/x", Some(DEMO_KEY)).is_ok(),
+        "a new quota applies at once"
+    );
 }
 
 #[test]
@@ -353,10 +482,17 @@ fn store_failure_fails_closed_for_uncached_keys_only() {
     // Break the store: drop its tables underneath it.
     {
         let conn = rusqlite::Connection::open(f.store.path()).unwrap();
-        conn.execute_batch("DROP TABLE keys; DROP TABLE teams;").unwrap();
+        conn.execute_batch("DROP TABLE keys; DROP TABLE teams;")
+            .unwrap();
     }
-    assert!(f.check(Method::GET, "/x", Some(&key)).is_ok(), "a cached key keeps working");
-    assert_eq!(f.deny(Method::GET, "/x", Some("uncached_key_1")), Some(Denial::StoreUnavailable));
+    assert!(
+        f.check(Method::GET, "/x", Some(&key)).is_ok(),
+        "a cached key keeps working"
+    );
+    assert_eq!(
+        f.deny(Method::GET, "/x", Some("uncached_key_1")),
+        Some(Denial::StoreUnavailable)
+    );
     assert_eq!(f.gate.metrics().store_errors.get(), 1);
 }
 
@@ -402,7 +538,10 @@ fn structured_errors_and_team_custom_limits() {
         .unwrap();
     let g = f.check(Method::GET, "/x", Some(&key)).unwrap();
     assert_eq!(&*g.key.unwrap().team.plan, "custom");
-    assert!(matches!(f.check(Method::GET, "/x", Some(&key)), Err(Denial::RateLimited(_))));
+    assert!(matches!(
+        f.check(Method::GET, "/x", Some(&key)),
+        Err(Denial::RateLimited(_))
+    ));
 }
 
 #[test]

@@ -73,7 +73,10 @@ impl Body for GuardedBody {
     type Data = Bytes;
     type Error = BodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -94,7 +97,9 @@ impl Body for GuardedBody {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let deadline = Instant::now() + *this.stall;
-                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if !*this.armed {
                     timer.as_mut().reset(deadline);
                     *this.armed = true;

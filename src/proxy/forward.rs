@@ -74,10 +74,14 @@ pub struct Target {
 
 impl Target {
     pub fn new(url: &Uri) -> Target {
-        let authority = url.authority().cloned().unwrap_or(Authority::from_static("127.0.0.1"));
+        let authority = url
+            .authority()
+            .cloned()
+            .unwrap_or(Authority::from_static("127.0.0.1"));
         Target {
             scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            host: HeaderValue::from_str(authority.as_str()).unwrap_or(HeaderValue::from_static("localhost")),
+            host: HeaderValue::from_str(authority.as_str())
+                .unwrap_or(HeaderValue::from_static("localhost")),
             authority,
             base: url.path().trim_end_matches('/').to_owned(),
         }
@@ -85,7 +89,10 @@ impl Target {
 
     /// The upstream URI for a request's path and query.
     pub fn uri(&self, original: &Uri) -> Result<Uri, http::Error> {
-        let pq = original.path_and_query().map(PathAndQuery::as_str).unwrap_or("/");
+        let pq = original
+            .path_and_query()
+            .map(PathAndQuery::as_str)
+            .unwrap_or("/");
         let pq: PathAndQuery = if self.base.is_empty() {
             match original.path_and_query() {
                 Some(p) => p.clone(),
@@ -156,16 +163,20 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     }
     if f.trust_forwarded {
         let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", f.peer.to_str().unwrap_or(""))).ok(),
+            Some(prev) => {
+                HeaderValue::from_str(&format!("{prev}, {}", f.peer.to_str().unwrap_or(""))).ok()
+            }
             None => None,
         };
-        headers.insert(X_FORWARDED_FOR.clone(), xff.unwrap_or_else(|| f.peer.clone()));
+        headers.insert(
+            X_FORWARDED_FOR.clone(),
+            xff.unwrap_or_else(|| f.peer.clone()),
+        );
         if !headers.contains_key(&X_FORWARDED_PROTO) {
             headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
         }
-        if !headers.contains_key(&X_REQUEST_ID) {
-            headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
-        }
+        // The caller already kept the client's id if it was sane.
+        headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
     } else {
         headers.remove(&FORWARDED);
         headers.remove(&X_FORWARDED_HOST);
@@ -217,7 +228,10 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -275,6 +289,7 @@ mod tests {
     #[test]
     fn trusted_forwarding_appends() {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1"), ("x-request-id", "r1")]);
+        let kept = h["x-request-id"].clone();
         let peer = HeaderValue::from_static("127.0.0.1");
         let f = Forwarding {
             credential_headers: &[],
@@ -282,7 +297,7 @@ mod tests {
             peer: &peer,
             proto: "https",
             trust_forwarded: true,
-            request_id: HeaderValue::from_static("new"),
+            request_id: kept,
         };
         request_headers(&mut h, &f);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
@@ -293,9 +308,15 @@ mod tests {
     #[test]
     fn target_uri() {
         let t = Target::new(&"http://127.0.0.1:3000".parse().unwrap());
-        assert_eq!(t.uri(&"/a/b?c=1".parse().unwrap()).unwrap(), "http://127.0.0.1:3000/a/b?c=1");
+        assert_eq!(
+            t.uri(&"/a/b?c=1".parse().unwrap()).unwrap(),
+            "http://127.0.0.1:3000/a/b?c=1"
+        );
         let t = Target::new(&"http://up:80/base/".parse().unwrap());
-        assert_eq!(t.uri(&"/a?x".parse().unwrap()).unwrap(), "http://up:80/base/a?x");
+        assert_eq!(
+            t.uri(&"/a?x".parse().unwrap()).unwrap(),
+            "http://up:80/base/a?x"
+        );
     }
 
     #[test]

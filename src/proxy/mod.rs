@@ -45,7 +45,9 @@ pub struct Proxy {
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("proto", &self.proto).finish_non_exhaustive()
+        f.debug_struct("Proxy")
+            .field("proto", &self.proto)
+            .finish_non_exhaustive()
     }
 }
 
@@ -60,7 +62,8 @@ impl ConnInfo {
     pub fn new(peer: SocketAddr) -> Self {
         ConnInfo {
             peer,
-            peer_header: HeaderValue::from_str(&peer.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown")),
+            peer_header: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
         }
     }
 }
@@ -83,18 +86,44 @@ impl Proxy {
     /// Picks up a reloaded upstream URL.
     pub fn reloaded(&self) {
         let snap = self.gate.snapshot();
-        self.target.store(Arc::new(Target::new(&snap.config.upstream.url)));
+        self.target
+            .store(Arc::new(Target::new(&snap.config.upstream.url)));
     }
 
-    /// Handles one request.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Result<Response<ProxyBody>, Infallible> {
-        let watch = Stopwatch::start();
+    /// Handles one request. Every answer carries `x-request-id`: the client's own when
+    /// `proxy.trust_forwarded` is set and it sent a sane one, else a new one.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let snap = self.gate.snapshot();
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(v)
+                if snap.config.proxy.trust_forwarded && v.len() <= 128 && v.to_str().is_ok() =>
+            {
+                v.clone()
+            }
+            _ => self.ids.next(),
+        };
+        let mut resp = self.respond(&snap, req, conn, &request_id).await;
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        Ok(resp)
+    }
+
+    async fn respond(
+        &self,
+        snap: &Snapshot,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        request_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        let watch = Stopwatch::start();
         let now = self.gate.clock().now();
         let (parts, body) = req.into_parts();
         if let Some(d) = framing_denial(&parts) {
             snap.count(None, Outcome::Denied(d));
-            return Ok(self.denial(&snap, d, None, true));
+            return self.denial(snap, d, None, true);
         }
         let head = RequestHead {
             method: &parts.method,
@@ -102,47 +131,62 @@ impl Proxy {
             headers: &parts.headers,
             peer: conn.peer.ip(),
         };
-        let mut check = self.gate.check(&snap, &head, now);
+        let mut check = self.gate.check(snap, &head, now);
         if let Check::Lookup(digest) = check {
             let gate = self.gate.clone();
             let loaded = tokio::task::spawn_blocking(move || gate.load(&digest))
                 .await
                 .unwrap_or_else(|_| Err(LoadError::Store("lookup task failed".into())));
-            check = self.gate.resume(&snap, &head, now, loaded);
+            check = self.gate.resume(snap, &head, now, loaded);
         }
         let grant = match check {
             Check::Granted(g) => g,
             Check::Denied(d, key) => {
                 let route = match d {
                     Denial::NotFound | Denial::BadRequest | Denial::MethodNotAllowed { .. } => None,
-                    _ => snap.routes.find(&parts.method, parts.uri.path()).ok().map(|m| m.index),
+                    _ => snap
+                        .routes
+                        .find(&parts.method, parts.uri.path())
+                        .ok()
+                        .map(|m| m.index),
                 };
                 snap.count(route, Outcome::Denied(d));
-                self.gate.metrics().overhead_seconds.observe(watch.elapsed().as_secs_f64());
-                return Ok(self.denial(&snap, d, key.as_deref(), false));
+                self.gate
+                    .metrics()
+                    .overhead_seconds
+                    .observe(watch.elapsed().as_secs_f64());
+                return self.denial(snap, d, key.as_deref(), false);
             }
             Check::Lookup(_) => {
                 snap.count(None, Outcome::Denied(Denial::StoreUnavailable));
-                return Ok(self.denial(&snap, Denial::StoreUnavailable, None, false));
+                return self.denial(snap, Denial::StoreUnavailable, None, false);
             }
         };
         let route = &snap.routes.get(grant.route).config;
         if route.usage {
             snap.count(Some(grant.route), Outcome::Served);
-            return Ok(self.usage(&grant, now));
+            return self.usage(&grant, now);
         }
-        if !route.upgrade && (parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE)) {
+        if !route.upgrade
+            && (parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE))
+        {
             snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
-            return Ok(self.denial(&snap, Denial::BadRequest, grant.key.as_deref(), false));
+            return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
         }
         let max_body = snap.config.proxy.max_body_bytes;
         if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
-            if len.to_str().ok().and_then(|s| s.parse::<u64>().ok()).is_none_or(|n| n > max_body) {
+            if len
+                .to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .is_none_or(|n| n > max_body)
+            {
                 snap.count(Some(grant.route), Outcome::Denied(Denial::PayloadTooLarge));
-                return Ok(self.denial(&snap, Denial::PayloadTooLarge, grant.key.as_deref(), true));
+                return self.denial(snap, Denial::PayloadTooLarge, grant.key.as_deref(), true);
             }
         }
-        self.forward(&snap, parts, body, grant, conn, watch).await
+        self.forward(snap, parts, body, grant, conn, watch, request_id)
+            .await
     }
 
     async fn forward(
@@ -153,18 +197,19 @@ impl Proxy {
         grant: Grant,
         conn: &ConnInfo,
         watch: Stopwatch,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+        request_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
         let cfg = &snap.config;
         let target = self.target.load();
         let uri = match target.uri(&parts.uri) {
             Ok(u) => u,
             Err(_) => {
                 snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
-                return Ok(self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false));
+                return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
             }
         };
-        let request_id = self.ids.next();
-        let credential_headers: Vec<&'static HeaderName> = snap.credentials.header_names().collect();
+        let credential_headers: Vec<&'static HeaderName> =
+            snap.credentials.header_names().collect();
         forward::request_headers(
             &mut parts.headers,
             &Forwarding {
@@ -182,30 +227,39 @@ impl Proxy {
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let fate = Arc::new(BodyFate::default());
-        let body = GuardedBody::new(body, cfg.proxy.max_body_bytes, cfg.proxy.body_timeout, Some(fate.clone()));
+        let body = GuardedBody::new(
+            body,
+            cfg.proxy.max_body_bytes,
+            cfg.proxy.body_timeout,
+            Some(fate.clone()),
+        );
         let req = Request::from_parts(parts, body);
         let metrics = self.gate.metrics();
-        metrics.overhead_seconds.observe(watch.elapsed().as_secs_f64());
+        metrics
+            .overhead_seconds
+            .observe(watch.elapsed().as_secs_f64());
         let upstream_watch = Stopwatch::start();
-        let result = tokio::time::timeout(cfg.upstream.request_timeout, self.client.request(req)).await;
-        metrics.upstream_seconds.observe(upstream_watch.elapsed().as_secs_f64());
+        let result =
+            tokio::time::timeout(cfg.upstream.request_timeout, self.client.request(req)).await;
+        metrics
+            .upstream_seconds
+            .observe(upstream_watch.elapsed().as_secs_f64());
         let denial = match result {
             Ok(Ok(resp)) => {
                 snap.count(Some(grant.route), Outcome::Forwarded);
                 let (mut rparts, rbody) = resp.into_parts();
                 // The body is streamed as is, so the upstream's Content-Length stays valid.
                 forward::strip_hop_by_hop(&mut rparts.headers, false);
-                rparts.headers.insert(X_REQUEST_ID.clone(), request_id);
                 if let Some(k) = &grant.key {
                     rate_headers(&mut rparts.headers, k, grant.rate.as_ref());
                 }
-                return Ok(Response::from_parts(rparts, Either::Left(rbody)));
+                return Response::from_parts(rparts, Either::Left(rbody));
             }
             Ok(Err(e)) => {
                 if fate.too_large() {
                     Denial::PayloadTooLarge
                 } else if fate.stalled() {
-                    Denial::UpstreamTimeout
+                    Denial::RequestTimeout
                 } else {
                     tracing::warn!(error = %e, "upstream request failed");
                     Denial::UpstreamUnavailable
@@ -214,12 +268,18 @@ impl Proxy {
             Err(_) => Denial::UpstreamTimeout,
         };
         snap.count(Some(grant.route), Outcome::Denied(denial));
-        let close = denial == Denial::PayloadTooLarge;
-        Ok(self.denial(snap, denial, grant.key.as_deref(), close))
+        let close = matches!(denial, Denial::PayloadTooLarge | Denial::RequestTimeout);
+        self.denial(snap, denial, grant.key.as_deref(), close)
     }
 
     /// A denial's response: status, JSON body, and the headers it calls for.
-    pub fn denial(&self, snap: &Snapshot, d: Denial, key: Option<&KeyEntry>, close: bool) -> Response<ProxyBody> {
+    pub fn denial(
+        &self,
+        snap: &Snapshot,
+        d: Denial,
+        key: Option<&KeyEntry>,
+        close: bool,
+    ) -> Response<ProxyBody> {
         let mut resp = Response::new(Either::Right(Full::new(snap.errors.body(d))));
         *resp.status_mut() = d.status();
         let h = resp.headers_mut();
@@ -230,7 +290,10 @@ impl Proxy {
                 h.insert(header::ALLOW, snap.routes.allow(group).clone());
             }
             Denial::RateLimited(info) => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from(info.retry_after_secs));
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(info.retry_after_secs),
+                );
             }
             Denial::TooManyFailedAuth { retry_after_secs } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
@@ -276,8 +339,10 @@ impl Proxy {
             "last_used_at": usage.last_used().map(millis_to_rfc3339),
         });
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
-        resp.headers_mut().insert(header::CONTENT_TYPE, JSON.clone());
-        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, JSON.clone());
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         rate_headers(resp.headers_mut(), k, grant.rate.as_ref());
         resp
     }
@@ -298,12 +363,19 @@ fn rate_headers(h: &mut http::HeaderMap, k: &KeyEntry, info: Option<&RateInfo>) 
             "\"{}\";r={};t={}",
             limits.name,
             i.remaining,
-            if i.remaining == 0 { i.retry_after_secs.max(i.reset_secs) } else { i.reset_secs }
+            if i.remaining == 0 {
+                i.retry_after_secs.max(i.reset_secs)
+            } else {
+                i.reset_secs
+            }
         )) {
             h.insert(RATELIMIT.clone(), v);
         }
         h.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(i.limit));
-        h.insert(X_RATELIMIT_REMAINING.clone(), HeaderValue::from(i.remaining));
+        h.insert(
+            X_RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(i.remaining),
+        );
         h.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(i.reset_secs));
     }
 }
@@ -321,11 +393,19 @@ fn framing_denial(parts: &http::request::Parts) -> Option<Denial> {
                 if b.is_empty() && parts.version == http::Version::HTTP_11 || b.contains(&b'@') {
                     return Some(Denial::BadRequest);
                 }
-                if host.to_str().ok().and_then(|s| s.parse::<http::uri::Authority>().ok()).is_none() && !b.is_empty() {
+                if host
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<http::uri::Authority>().ok())
+                    .is_none()
+                    && !b.is_empty()
+                {
                     return Some(Denial::BadRequest);
                 }
             }
-            (None, _) if parts.version == http::Version::HTTP_11 => return Some(Denial::BadRequest),
+            (None, _) if parts.version == http::Version::HTTP_11 => {
+                return Some(Denial::BadRequest)
+            }
             (Some(_), Some(_)) => return Some(Denial::BadRequest),
             _ => {}
         }
@@ -335,9 +415,12 @@ fn framing_denial(parts: &http::request::Parts) -> Option<Denial> {
     if lens.next().is_some() || (first_len.is_some() && h.contains_key(header::TRANSFER_ENCODING)) {
         return Some(Denial::BadRequest);
     }
-    if parts.uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+    if parts
+        .uri
+        .authority()
+        .is_some_and(|a| a.as_str().contains('@'))
+    {
         return Some(Denial::BadRequest);
     }
     None
 }
-

@@ -100,7 +100,10 @@ impl Drop for LiveGuard {
 /// Wraps accepted streams (plain TCP, or TLS later) into something hyper can serve.
 pub trait Acceptor: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept(&self, stream: tokio::net::TcpStream) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+    fn accept(
+        &self,
+        stream: tokio::net::TcpStream,
+    ) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
 }
 
 /// Plain TCP.
@@ -173,7 +176,10 @@ pub async fn serve<A: Acceptor>(
             notified.await;
         }
     };
-    if tokio::time::timeout(limits.drain_timeout, wait).await.is_err() {
+    if tokio::time::timeout(limits.drain_timeout, wait)
+        .await
+        .is_err()
+    {
         tracing::warn!(
             open = live.count.load(Ordering::Acquire),
             "drain timeout reached; closing remaining connections"
@@ -193,7 +199,9 @@ struct InFlight<'a>(&'a Activity, tokio::time::Instant);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.last_ms.store(self.1.elapsed().as_millis() as i64, Ordering::Release);
+        self.0
+            .last_ms
+            .store(self.1.elapsed().as_millis() as i64, Ordering::Release);
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -121,7 +121,8 @@ fn limits_from_json(s: &str) -> Vec<LimitSpec> {
         .collect()
 }
 
-const KEY_COLUMNS: &str = "key_id, team_id, name, environment, scopes, visible_prefix, created_at, \
+const KEY_COLUMNS: &str =
+    "key_id, team_id, name, environment, scopes, visible_prefix, created_at, \
                            expires_at, revoked_at, last_used_at, use_count, replaced_by";
 
 fn key_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyInfo> {
@@ -145,8 +146,9 @@ impl SqliteStore {
     /// Opens (creating and migrating) the store at `path`.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -171,7 +173,9 @@ impl SqliteStore {
 
     /// The schema version of the open file.
     pub fn schema_version(&self) -> Result<usize, StoreError> {
-        Ok(self.conn().pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
+        Ok(self
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
     }
 
     pub fn upsert_team(&self, t: &StoredTeam, now: UnixMillis) -> Result<(), StoreError> {
@@ -186,7 +190,8 @@ impl SqliteStore {
 
     pub fn list_teams(&self) -> Result<Vec<StoredTeam>, StoreError> {
         let conn = self.conn();
-        let mut st = conn.prepare("SELECT id, plan, limits, heartbeat_required FROM teams ORDER BY id")?;
+        let mut st =
+            conn.prepare("SELECT id, plan, limits, heartbeat_required FROM teams ORDER BY id")?;
         let rows = st.query_map([], team_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -194,7 +199,12 @@ impl SqliteStore {
     /// Inserts a key, refusing it when the team already has `max_active` active keys. The count
     /// and the insert run in one immediate transaction, so two writers cannot both take the
     /// last place.
-    pub fn insert_key(&self, k: &NewKey<'_>, max_active: usize, now: UnixMillis) -> Result<(), StoreError> {
+    pub fn insert_key(
+        &self,
+        k: &NewKey<'_>,
+        max_active: usize,
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let active: i64 = tx.query_row(
@@ -233,7 +243,11 @@ impl SqliteStore {
     pub fn get_key(&self, key_id: &str) -> Result<Option<KeyInfo>, StoreError> {
         let conn = self.conn();
         Ok(conn
-            .query_row(&format!("SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?1"), [key_id], key_info)
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM keys WHERE key_id = ?1"),
+                [key_id],
+                key_info,
+            )
             .optional()?)
     }
 
@@ -241,7 +255,9 @@ impl SqliteStore {
     pub fn key_digest(&self, key_id: &str) -> Result<Option<[u8; 32]>, StoreError> {
         let conn = self.conn();
         let v: Option<Vec<u8>> = conn
-            .query_row("SELECT digest FROM keys WHERE key_id = ?1", [key_id], |r| r.get(0))
+            .query_row("SELECT digest FROM keys WHERE key_id = ?1", [key_id], |r| {
+                r.get(0)
+            })
             .optional()?;
         Ok(v.and_then(|v| v.try_into().ok()))
     }
@@ -259,20 +275,32 @@ impl SqliteStore {
     pub fn revoke_key(&self, key_id: &str, now: UnixMillis) -> Result<bool, StoreError> {
         let conn = self.conn();
         let exists: Option<Option<i64>> = conn
-            .query_row("SELECT revoked_at FROM keys WHERE key_id = ?1", [key_id], |r| r.get(0))
+            .query_row(
+                "SELECT revoked_at FROM keys WHERE key_id = ?1",
+                [key_id],
+                |r| r.get(0),
+            )
             .optional()?;
         match exists {
             None => Err(StoreError::NotFound(format!("key {key_id}"))),
             Some(Some(_)) => Ok(false),
             Some(None) => {
-                conn.execute("UPDATE keys SET revoked_at = ?2 WHERE key_id = ?1", params![key_id, now])?;
+                conn.execute(
+                    "UPDATE keys SET revoked_at = ?2 WHERE key_id = ?1",
+                    params![key_id, now],
+                )?;
                 Ok(true)
             }
         }
     }
 
     /// Ends an old key at `until` (a rotation's grace period) and records its successor.
-    pub fn retire_key(&self, key_id: &str, until: UnixMillis, replaced_by: &str) -> Result<(), StoreError> {
+    pub fn retire_key(
+        &self,
+        key_id: &str,
+        until: UnixMillis,
+        replaced_by: &str,
+    ) -> Result<(), StoreError> {
         let n = self.conn().execute(
             "UPDATE keys SET expires_at = MIN(COALESCE(expires_at, ?2), ?2), replaced_by = ?3 WHERE key_id = ?1",
             params![key_id, until, replaced_by],
@@ -336,7 +364,9 @@ impl KeyStore for SqliteStore {
 
     fn find_team(&self, id: &str) -> Result<Option<StoredTeam>, StoreError> {
         let conn = self.conn();
-        let mut st = conn.prepare_cached("SELECT id, plan, limits, heartbeat_required FROM teams WHERE id = ?1")?;
+        let mut st = conn.prepare_cached(
+            "SELECT id, plan, limits, heartbeat_required FROM teams WHERE id = ?1",
+        )?;
         Ok(st.query_row([id], team_row).optional()?)
     }
 }
@@ -390,7 +420,8 @@ mod tests {
     fn heartbeats_round_trip_and_never_go_back() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        s.save_heartbeats(&[("a".into(), 10), ("b".into(), 20)]).unwrap();
+        s.save_heartbeats(&[("a".into(), 10), ("b".into(), 20)])
+            .unwrap();
         s.save_heartbeats(&[("a".into(), 5)]).unwrap();
         let mut got = s.load_heartbeats().unwrap();
         got.sort();
@@ -405,7 +436,8 @@ mod tests {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(MIGRATIONS[0]).unwrap();
             conn.pragma_update(None, "user_version", 1).unwrap();
-            conn.execute("INSERT INTO heartbeats VALUES ('t', 42)", []).unwrap();
+            conn.execute("INSERT INTO heartbeats VALUES ('t', 42)", [])
+                .unwrap();
         }
         let s = SqliteStore::open(&path).unwrap();
         assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
@@ -417,7 +449,13 @@ mod tests {
     fn a_newer_store_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("new.db");
-        Connection::open(&path).unwrap().pragma_update(None, "user_version", 99).unwrap();
-        assert!(matches!(SqliteStore::open(&path), Err(StoreError::Invalid(_))));
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::Invalid(_))
+        ));
     }
 }

@@ -105,13 +105,17 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let s = seen.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let s = s.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| upstream_handle(s.clone(), req));
@@ -136,7 +140,12 @@ impl Upstream {
 
     /// The headers of the last request that reached the upstream.
     pub fn last_headers(&self) -> HeaderMap {
-        self.seen.last_headers.lock().unwrap().clone().expect("no request reached the upstream")
+        self.seen
+            .last_headers
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("no request reached the upstream")
     }
 
     pub fn last_path(&self) -> Option<String> {
@@ -163,7 +172,10 @@ type UpBody = BoxBody<Bytes, Infallible>;
 fn full(status: StatusCode, v: Value) -> Response<UpBody> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -179,7 +191,10 @@ pub fn pattern_chunk(index: usize, total: usize) -> Bytes {
     Bytes::from((start..end).map(pattern_byte).collect::<Vec<u8>>())
 }
 
-async fn upstream_handle(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+async fn upstream_handle(
+    seen: Arc<Seen>,
+    req: Request<Incoming>,
+) -> Result<Response<UpBody>, Infallible> {
     seen.hits.fetch_add(1, Ordering::SeqCst);
     let (parts, mut body) = req.into_parts();
     *seen.last_headers.lock().unwrap() = Some(parts.headers.clone());
@@ -210,18 +225,31 @@ async fn upstream_handle(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Resp
             Ok(r)
         }
         "teapot" => {
-            let mut r = full(StatusCode::IM_A_TEAPOT, json!({ "upstream": "short and stout" }));
-            r.headers_mut().insert("x-upstream", http::HeaderValue::from_static("yes"));
+            let mut r = full(
+                StatusCode::IM_A_TEAPOT,
+                json!({ "upstream": "short and stout" }),
+            );
+            r.headers_mut()
+                .insert("x-upstream", http::HeaderValue::from_static("yes"));
             Ok(r)
         }
         "hop" => {
             // Hop-by-hop fields in the answer, which must not reach the client.
             let mut r = full(StatusCode::OK, json!({ "hop": true }));
             let h = r.headers_mut();
-            h.insert("connection", http::HeaderValue::from_static("x-upstream-secret"));
-            h.insert("x-upstream-secret", http::HeaderValue::from_static("internal"));
+            h.insert(
+                "connection",
+                http::HeaderValue::from_static("x-upstream-secret"),
+            );
+            h.insert(
+                "x-upstream-secret",
+                http::HeaderValue::from_static("internal"),
+            );
             h.insert("keep-alive", http::HeaderValue::from_static("timeout=5"));
-            h.insert("proxy-authenticate", http::HeaderValue::from_static("Basic realm=\"up\""));
+            h.insert(
+                "proxy-authenticate",
+                http::HeaderValue::from_static("Basic realm=\"up\""),
+            );
             h.insert("x-upstream", http::HeaderValue::from_static("yes"));
             Ok(r)
         }
@@ -239,7 +267,10 @@ async fn upstream_handle(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Resp
                         }
                     }
                     Err(e) => {
-                        return Ok(full(StatusCode::BAD_REQUEST, json!({ "error": e.to_string(), "bytes": bytes })));
+                        return Ok(full(
+                            StatusCode::BAD_REQUEST,
+                            json!({ "error": e.to_string(), "bytes": bytes }),
+                        ));
                     }
                 }
             }
@@ -250,11 +281,20 @@ async fn upstream_handle(seen: Arc<Seen>, req: Request<Incoming>) -> Result<Resp
             ))
         }
         _ => {
-            let size = body.collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+            let size = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
             let headers: BTreeMap<String, String> = parts
                 .headers
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect();
             Ok(full(
                 StatusCode::OK,
@@ -350,7 +390,11 @@ impl Cfg {
     pub fn new(upstream: impl std::fmt::Display) -> Cfg {
         let upstream = upstream.to_string();
         Cfg {
-            upstream: if upstream.starts_with("http") { upstream } else { format!("http://{upstream}") },
+            upstream: if upstream.starts_with("http") {
+                upstream
+            } else {
+                format!("http://{upstream}")
+            },
             proxy: Vec::new(),
             upstream_extra: Vec::new(),
             sources: r#"["x-api-key"]"#.into(),
@@ -385,7 +429,10 @@ impl Cfg {
             self.heartbeat_window, self.heartbeat_required
         ));
         if let Some(dir) = &self.state_dir {
-            s.push_str(&format!("\n[state]\ndir = {}\n", toml_str(&dir.display().to_string())));
+            s.push_str(&format!(
+                "\n[state]\ndir = {}\n",
+                toml_str(&dir.display().to_string())
+            ));
         }
         s.push_str(&format!("\n[errors]\nstyle = \"{}\"\n", self.error_style));
         if let Some(url) = &self.doc_url {
@@ -476,11 +523,16 @@ impl Keygate {
 
     /// Starts keygate with a given clock and, for reload tests, the config file's path.
     pub async fn start_with(toml: &str, clock: Clock, config_path: Option<PathBuf>) -> Keygate {
-        let config = Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+        let config = Config::from_toml(toml)
+            .unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
         Keygate::start_config(config, clock, config_path).await
     }
 
-    pub async fn start_config(config: Config, clock: Clock, config_path: Option<PathBuf>) -> Keygate {
+    pub async fn start_config(
+        config: Config,
+        clock: Clock,
+        config_path: Option<PathBuf>,
+    ) -> Keygate {
         let server = Arc::new(Server::new(
             config,
             Options {
@@ -567,9 +619,13 @@ impl Keygate {
 /// The value of one sample in Prometheus text, e.g. `metric(&text, "keygate_heartbeat_stale_teams")`
 /// or with labels `metric(&text, r#"keygate_requests_total{outcome="forwarded",route="api"}"#)`.
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -596,7 +652,9 @@ pub struct Resp {
 
 impl Resp {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().expect("ascii header"))
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ascii header"))
     }
 
     pub fn text(&self) -> &str {
@@ -608,12 +666,21 @@ impl Resp {
     pub fn assert_error(&self, status: u16, body: &str) {
         assert_eq!(self.status, status, "status; body: {}", self.text());
         assert_eq!(self.text(), body, "body of the {status}");
-        assert_eq!(self.header("content-type"), Some("application/json"), "content-type of the {status}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "content-type of the {status}"
+        );
     }
 
     /// The upstream's echo of the request headers.
     pub fn echoed(&self, name: &str) -> Option<&str> {
-        assert_eq!(self.body["echo"], true, "not an upstream echo: {}", self.text());
+        assert_eq!(
+            self.body["echo"],
+            true,
+            "not an upstream echo: {}",
+            self.text()
+        );
         self.body["headers"][name].as_str()
     }
 }
@@ -624,7 +691,12 @@ pub async fn send(rb: reqwest::RequestBuilder) -> Resp {
     let headers = r.headers().clone();
     let raw = r.bytes().await.expect("response body");
     let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-    Resp { status, headers, raw, body }
+    Resp {
+        status,
+        headers,
+        raw,
+        body,
+    }
 }
 
 /// Sends raw bytes on a fresh connection and reads until the server closes it; the request should
