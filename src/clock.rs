@@ -157,7 +157,6 @@ pub fn wall_now_ms() -> UnixMillis {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use governor::clock::Clock as _;
 
     #[test]
     fn manual_clock_moves_only_when_told() {

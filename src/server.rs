@@ -72,6 +72,13 @@ impl KeyStore for Broken {
     }
 }
 
+/// The SQLite store if open, and what the gate uses for keys and for state.
+type Stores = (
+    Option<Arc<SqliteStore>>,
+    Arc<dyn KeyStore>,
+    Arc<dyn StateStore>,
+);
+
 /// A running keygate's parts.
 pub struct Server {
     pub gate: Arc<Gate>,
@@ -100,11 +107,7 @@ impl Server {
     /// Builds everything for a validated config; restores persisted heartbeats.
     pub fn new(config: Config, opts: Options) -> Server {
         let config = Arc::new(config);
-        let (store, keys, state): (
-            Option<Arc<SqliteStore>>,
-            Arc<dyn KeyStore>,
-            Arc<dyn StateStore>,
-        ) = match config.state_dir() {
+        let (store, keys, state): Stores = match config.state_dir() {
             None => (None, Arc::new(NoStore), Arc::new(NoStore)),
             Some(dir) => match open_store(dir) {
                 Ok(s) => {

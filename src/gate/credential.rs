@@ -321,7 +321,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // One changed character in the random part: refused without a lookup.
-        let mut bad = k.clone().into_bytes();
+        let mut bad = k.into_bytes();
         bad[10] = if bad[10] == b'a' { b'b' } else { b'a' };
         assert_eq!(
             r.find(&headers(&[(

@@ -50,8 +50,11 @@ fn quota(spec: &LimitSpec) -> Quota {
 #[derive(Debug)]
 pub struct LimiterRegistry {
     clock: Clock,
-    buckets: Mutex<HashMap<(LimitSpec, Arc<str>), Arc<Bucket>>>,
+    buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
 }
+
+/// A quota and the team or key id it is applied to.
+type BucketKey = (LimitSpec, Arc<str>);
 
 impl LimiterRegistry {
     pub fn new(clock: Clock) -> Self {

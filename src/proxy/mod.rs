@@ -51,6 +51,14 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// What a request carries through forwarding besides itself.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    conn: &'a ConnInfo,
+    watch: Stopwatch,
+    request_id: &'a HeaderValue,
+}
+
 /// Per-connection facts, computed once per connection rather than per request.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -185,8 +193,12 @@ impl Proxy {
                 return self.denial(snap, Denial::PayloadTooLarge, grant.key.as_deref(), true);
             }
         }
-        self.forward(snap, parts, body, grant, conn, watch, request_id)
-            .await
+        let ctx = Ctx {
+            conn,
+            watch,
+            request_id,
+        };
+        self.forward(snap, parts, body, grant, &ctx).await
     }
 
     async fn forward(
@@ -195,10 +207,13 @@ impl Proxy {
         mut parts: http::request::Parts,
         body: Incoming,
         grant: Grant,
-        conn: &ConnInfo,
-        watch: Stopwatch,
-        request_id: &HeaderValue,
+        ctx: &Ctx<'_>,
     ) -> Response<ProxyBody> {
+        let Ctx {
+            conn,
+            watch,
+            request_id,
+        } = *ctx;
         let cfg = &snap.config;
         let target = self.target.load();
         let uri = match target.uri(&parts.uri) {

@@ -220,10 +220,8 @@ impl SqliteStore {
             )));
         }
         tx.execute(
-            &format!(
-                "INSERT INTO keys (key_id, digest, team_id, name, environment, scopes, visible_prefix, created_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-            ),
+            "INSERT INTO keys (key_id, digest, team_id, name, environment, scopes, visible_prefix, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 k.key_id,
                 &k.digest[..],

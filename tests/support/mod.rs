@@ -573,7 +573,7 @@ impl Keygate {
 
     /// Whether [`Server::run`] has returned.
     pub fn is_finished(&self) -> bool {
-        self.task.as_ref().map_or(true, |t| t.is_finished())
+        self.task.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Drains and stops; panics if the server does not finish within 10 s.
