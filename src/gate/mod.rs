@@ -395,6 +395,8 @@ impl Gate {
     }
 
     /// An *invalid key* answer, charged to the client address's failed-authentication budget.
+    #[cold]
+    #[inline(never)]
     fn failed_auth(&self, peer: IpAddr, key: Option<Arc<KeyEntry>>) -> Check {
         if let Some(f) = &self.failed_auth {
             if let Err(not_until) = f.budget.check_key(&peer) {
@@ -408,6 +410,8 @@ impl Gate {
 
     /// Refuses a key that is not in the positive cache when its address is blocked, before any
     /// lookup. Keys already cached are never refused here.
+    #[cold]
+    #[inline(never)]
     fn admit_uncached(&self, peer: IpAddr) -> Option<Denial> {
         let f = self.failed_auth.as_ref()?;
         let until = f.blocked.get(&peer)?;
