@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod gate;
+pub mod manage;
 pub mod metrics;
 pub mod proxy;
 pub mod server;

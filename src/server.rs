@@ -88,6 +88,26 @@ pub struct Server {
     state: Arc<dyn StateStore>,
     config_path: Option<PathBuf>,
     ready: AtomicBool,
+    admin_token: arc_swap::ArcSwapOption<Vec<u8>>,
+}
+
+/// Reads the admin token from the environment variable or file the config names.
+pub fn load_admin_token(config: &Config) -> Option<Vec<u8>> {
+    let raw = if let Some(var) = &config.admin.token_env {
+        std::env::var(var).ok()
+    } else if let Some(file) = &config.admin.token_file {
+        match std::fs::read_to_string(file) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(file = %file.display(), error = %e, "cannot read the admin token file; the admin API is off");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    raw.map(|t| t.trim().as_bytes().to_vec())
+        .filter(|t| !t.is_empty())
 }
 
 impl std::fmt::Debug for Server {
@@ -144,6 +164,8 @@ impl Server {
             }
         }
         let proxy = Arc::new(Proxy::new(gate.clone(), false));
+        let admin_token =
+            arc_swap::ArcSwapOption::from(load_admin_token(&gate.snapshot().config).map(Arc::new));
         Server {
             gate,
             proxy,
@@ -151,6 +173,7 @@ impl Server {
             state,
             config_path: opts.config_path,
             ready: AtomicBool::new(false),
+            admin_token,
         }
     }
 
@@ -184,8 +207,29 @@ impl Server {
 
     /// Swaps in a validated config (listener addresses and worker counts apply on restart).
     pub fn apply(&self, config: Config) {
+        self.admin_token
+            .store(load_admin_token(&config).map(Arc::new));
         self.gate.reload(Arc::new(config));
         self.proxy.reloaded();
+    }
+
+    /// The admin API's token, if one is configured.
+    pub fn admin_token(&self) -> Option<Arc<Vec<u8>>> {
+        self.admin_token.load_full()
+    }
+
+    /// A stored key's usage plus what this process counted and has not flushed yet.
+    pub fn with_live_usage(
+        &self,
+        mut k: crate::store::sqlite::KeyInfo,
+    ) -> crate::store::sqlite::KeyInfo {
+        if let Some((n, last)) = self.gate.usage.unflushed(&k.key_id) {
+            k.use_count += n;
+            if last > k.last_used_at.unwrap_or(0) {
+                k.last_used_at = Some(last);
+            }
+        }
+        k
     }
 
     /// Writes dirty heartbeats and pending usage to the state store. Failures are counted and
@@ -273,6 +317,9 @@ impl Server {
         let mut beat_tick = tokio::time::interval(Duration::from_millis(250));
         let mut usage_tick = tokio::time::interval(usage_every);
         let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
+        // Another process (the CLI) writing the store: forget cached keys within a second.
+        let mut watch_tick = tokio::time::interval(Duration::from_secs(1));
+        let mut seen_version = None;
         loop {
             tokio::select! {
                 _ = crate::server::stopped(&mut shutdown) => return,
@@ -291,6 +338,18 @@ impl Server {
                 _ = usage_tick.tick() => {
                     let this = self.clone();
                     let _ = tokio::task::spawn_blocking(move || this.flush()).await;
+                }
+                _ = watch_tick.tick() => {
+                    if let Some(store) = self.store.clone() {
+                        let v = tokio::task::spawn_blocking(move || store.data_version().ok()).await.ok().flatten();
+                        if v.is_some() && seen_version.is_some() && v != seen_version {
+                            tracing::info!("the key store was changed by another process; cached keys dropped");
+                            self.gate.invalidate_all();
+                        }
+                        if v.is_some() {
+                            seen_version = v;
+                        }
+                    }
                 }
                 _ = prune_tick.tick() => {
                     let kept = self.gate.prune();

@@ -158,6 +158,14 @@ impl UsageRegistry {
             .collect()
     }
 
+    /// Requests counted and not yet flushed for one key, and its last use.
+    pub fn unflushed(&self, key_id: &str) -> Option<(u64, UnixMillis)> {
+        let u = self.peek(key_id)?;
+        let c = u.count.load(Ordering::Relaxed);
+        let f = u.flushed.load(Ordering::Relaxed);
+        Some((c.saturating_sub(f), u.last_used.load(Ordering::Relaxed)))
+    }
+
     /// Marks a batch from [`UsageRegistry::pending`] as written.
     pub fn commit(&self, batch: &[(String, u64, UnixMillis)]) {
         let map = self.keys.lock().unwrap_or_else(|e| e.into_inner());
