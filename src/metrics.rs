@@ -101,6 +101,8 @@ pub struct Metrics {
     pub limiter_buckets: IntGauge,
     /// `keygate_config_reloads_total{result}`
     pub reloads: IntCounterVec,
+    /// `keygate_upstream_connections_total`: new upstream connections (the pool reuses them).
+    pub upstream_connects: IntCounter,
     /// `keygate_state_write_errors_total`
     pub state_write_errors: IntCounter,
     striped: Arc<Mutex<Vec<Weak<Striped>>>>,
@@ -168,6 +170,10 @@ impl Metrics {
                 Opts::new("keygate_config_reloads_total", "Config reloads by result."),
                 &["result"],
             )?,
+            upstream_connects: IntCounter::new(
+                "keygate_upstream_connections_total",
+                "Upstream connections opened (kept alive and reused by the pool).",
+            )?,
             state_write_errors: IntCounter::new(
                 "keygate_state_write_errors_total",
                 "Failed writes of heartbeats or usage to the state store (kept in memory, retried).",
@@ -188,6 +194,7 @@ impl Metrics {
         r.register(Box::new(m.limiter_buckets.clone()))?;
         r.register(Box::new(m.reloads.clone()))?;
         r.register(Box::new(m.state_write_errors.clone()))?;
+        r.register(Box::new(m.upstream_connects.clone()))?;
         Ok(m)
     }
 

@@ -340,3 +340,24 @@ async fn a_key_named_in_connection_is_not_used() {
     assert!(raw.ends_with(MISSING_KEY), "{raw}");
     assert_eq!(up.hits(), 0);
 }
+
+/// The upstream pool keeps connections alive: sequential requests, with bodies read to the end,
+/// reuse one upstream connection; an upstream error answer does not cost a new one either.
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let up = Upstream::start().await;
+    let kg = Keygate::start(&base_toml(up.addr)).await;
+    assert_eq!(kg.heartbeat(ALPHA_KEY).await.status, 200);
+    for _ in 0..20 {
+        assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 200);
+    }
+    assert_eq!(kg.get("/api/teapot", Some(ALPHA_KEY)).await.status, 418);
+    assert_eq!(kg.get("/api/y", Some(ALPHA_KEY)).await.status, 200);
+    let text = kg.metrics().await;
+    assert_eq!(
+        metric(&text, "keygate_upstream_connections_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(up.hits(), 23);
+}

@@ -8,18 +8,11 @@
 //! headers are set. Response headers lose their hop-by-hop fields.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use http::header::{self, HeaderName};
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-use super::body::GuardedBody;
-use crate::config::UpstreamConfig;
 use crate::gate::KeyEntry;
+use http::header::{self, HeaderName};
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, HeaderValue, Uri};
 
 pub static X_KEYGATE_TEAM: HeaderName = HeaderName::from_static("x-keygate-team");
 pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key-id");
@@ -45,28 +38,9 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
     &header::UPGRADE,
 ];
 
-/// The upstream client type.
-pub type UpstreamClient = Client<HttpConnector, GuardedBody>;
-
-/// Builds the pooled keep-alive client.
-pub fn client(cfg: &UpstreamConfig) -> UpstreamClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
-        .pool_max_idle_per_host(cfg.pool_max_idle)
-        // The idle-pool timeout only runs with a timer.
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
-}
-
-/// The upstream's scheme, authority and base path, split once per snapshot.
+/// The upstream's authority and base path, split once per snapshot.
 #[derive(Debug, Clone)]
 pub struct Target {
-    scheme: Scheme,
     authority: Authority,
     base: String,
     host: HeaderValue,
@@ -79,7 +53,6 @@ impl Target {
             .cloned()
             .unwrap_or(Authority::from_static("127.0.0.1"));
         Target {
-            scheme: url.scheme().cloned().unwrap_or(Scheme::HTTP),
             host: HeaderValue::from_str(authority.as_str())
                 .unwrap_or(HeaderValue::from_static("localhost")),
             authority,
@@ -87,7 +60,16 @@ impl Target {
         }
     }
 
-    /// The upstream URI for a request's path and query.
+    /// `host:port` to connect to.
+    pub fn addr(&self) -> String {
+        format!(
+            "{}:{}",
+            self.authority.host(),
+            self.authority.port_u16().unwrap_or(80)
+        )
+    }
+
+    /// The origin-form URI (path and query, under the base path) sent upstream.
     pub fn uri(&self, original: &Uri) -> Result<Uri, http::Error> {
         let pq = original
             .path_and_query()
@@ -101,11 +83,7 @@ impl Target {
         } else {
             format!("{}{}", self.base, pq).parse()?
         };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
+        Ok(Uri::from(pq))
     }
 
     /// The upstream's own `Host`, for `upstream.preserve_host = false`.
@@ -308,15 +286,11 @@ mod tests {
     #[test]
     fn target_uri() {
         let t = Target::new(&"http://127.0.0.1:3000".parse().unwrap());
-        assert_eq!(
-            t.uri(&"/a/b?c=1".parse().unwrap()).unwrap(),
-            "http://127.0.0.1:3000/a/b?c=1"
-        );
+        assert_eq!(t.uri(&"/a/b?c=1".parse().unwrap()).unwrap(), "/a/b?c=1");
+        assert_eq!(t.addr(), "127.0.0.1:3000");
         let t = Target::new(&"http://up:80/base/".parse().unwrap());
-        assert_eq!(
-            t.uri(&"/a?x".parse().unwrap()).unwrap(),
-            "http://up:80/base/a?x"
-        );
+        assert_eq!(t.uri(&"/a?x".parse().unwrap()).unwrap(), "/base/a?x");
+        assert_eq!(t.host(), "up:80");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod forward;
+pub mod pool;
 pub mod server;
 
 use std::convert::Infallible;
@@ -22,10 +23,10 @@ use crate::clock::{Now, Stopwatch};
 use crate::gate::keys::LoadError;
 use crate::gate::{Check, Denial, Gate, Grant, KeyEntry, Outcome, RateInfo, RequestHead, Snapshot};
 use body::{BodyFate, GuardedBody};
-use forward::{Forwarding, RequestIds, Target, UpstreamClient, X_REQUEST_ID};
+use forward::{Forwarding, RequestIds, Target, X_REQUEST_ID};
 
 /// The response body: the upstream's, streamed, or one of ours.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<pool::Pooled, Full<Bytes>>;
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
@@ -37,8 +38,7 @@ static JSON: HeaderValue = HeaderValue::from_static("application/json");
 /// What every connection's service shares.
 pub struct Proxy {
     pub gate: Arc<Gate>,
-    client: UpstreamClient,
-    target: arc_swap::ArcSwap<Target>,
+    upstream: arc_swap::ArcSwap<(Target, pool::Pool)>,
     ids: RequestIds,
     proto: &'static str,
 }
@@ -79,23 +79,45 @@ impl ConnInfo {
 impl Proxy {
     pub fn new(gate: Arc<Gate>, tls: bool) -> Proxy {
         let snap = gate.snapshot();
-        let client = forward::client(&snap.config.upstream);
-        let target = Target::new(&snap.config.upstream.url);
+        let upstream = Self::upstream(&gate, &snap.config.upstream);
         drop(snap);
         Proxy {
             gate,
-            client,
-            target: arc_swap::ArcSwap::from_pointee(target),
+            upstream: arc_swap::ArcSwap::from_pointee(upstream),
             ids: RequestIds::default(),
             proto: if tls { "https" } else { "http" },
         }
     }
 
-    /// Picks up a reloaded upstream URL.
+    fn upstream(gate: &Gate, cfg: &crate::config::UpstreamConfig) -> (Target, pool::Pool) {
+        let target = Target::new(&cfg.url);
+        let pool = pool::Pool::new(
+            target.addr(),
+            cfg.connect_timeout,
+            cfg.pool_idle_timeout,
+            cfg.pool_max_idle,
+            gate.metrics().upstream_connects.clone(),
+        );
+        (target, pool)
+    }
+
+    /// Picks up a reloaded upstream: a new address gets a new pool, the same one keeps its
+    /// connections.
     pub fn reloaded(&self) {
         let snap = self.gate.snapshot();
-        self.target
-            .store(Arc::new(Target::new(&snap.config.upstream.url)));
+        let (target, pool) = Self::upstream(&self.gate, &snap.config.upstream);
+        let current = self.upstream.load();
+        let pool = if current.1.addr() == pool.addr() {
+            current.1.clone()
+        } else {
+            pool
+        };
+        self.upstream.store(Arc::new((target, pool)));
+    }
+
+    /// Idle upstream connections held now.
+    pub fn idle_upstream_connections(&self) -> usize {
+        self.upstream.load().1.idle()
     }
 
     /// Handles one request. Every answer carries `x-request-id`: the client's own when
@@ -215,7 +237,8 @@ impl Proxy {
             request_id,
         } = *ctx;
         let cfg = &snap.config;
-        let target = self.target.load();
+        let upstream = self.upstream.load();
+        let (target, pool) = &**upstream;
         let uri = match target.uri(&parts.uri) {
             Ok(u) => u,
             Err(_) => {
@@ -238,6 +261,14 @@ impl Proxy {
         );
         if !cfg.upstream.preserve_host {
             parts.headers.insert(header::HOST, target.host().clone());
+        } else if !parts.headers.contains_key(header::HOST) {
+            // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
+            let host = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| target.host().clone());
+            parts.headers.insert(header::HOST, host);
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
@@ -254,8 +285,7 @@ impl Proxy {
             .overhead_seconds
             .observe(watch.elapsed().as_secs_f64());
         let upstream_watch = Stopwatch::start();
-        let result =
-            tokio::time::timeout(cfg.upstream.request_timeout, self.client.request(req)).await;
+        let result = tokio::time::timeout(cfg.upstream.request_timeout, pool.send(req)).await;
         metrics
             .upstream_seconds
             .observe(upstream_watch.elapsed().as_secs_f64());
