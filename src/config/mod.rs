@@ -547,14 +547,14 @@ impl Validator<'_> {
         };
         let mut messages = BTreeMap::new();
         for (code, msg) in e.messages {
-            if !crate::gate::Denial::CODES.contains(&code.get_ref().as_str()) {
+            if !crate::gate::Denial::codes().any(|c| c == code.get_ref()) {
                 self.err(
                     "errors.messages",
                     Some(&code),
                     format_args!(
                         "{:?} is not a denial code; known codes: {}",
                         code.get_ref(),
-                        crate::gate::Denial::CODES.join(", ")
+                        crate::gate::Denial::codes().collect::<Vec<_>>().join(", ")
                     ),
                 );
             }

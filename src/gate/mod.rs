@@ -91,7 +91,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const COUNT: usize = Denial::CODES.len() + 2;
+    const COUNT: usize = Denial::COUNT + 2;
 
     fn index(self) -> usize {
         match self {
@@ -105,7 +105,7 @@ impl Outcome {
         match i {
             0 => "forwarded",
             1 => "served",
-            _ => Denial::CODES[i - 2],
+            _ => Denial::codes().nth(i - 2).unwrap_or("unknown"),
         }
     }
 }
