@@ -16,3 +16,4 @@ pub mod proxy;
 pub mod server;
 pub mod signal;
 pub mod store;
+pub mod tls;

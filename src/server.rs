@@ -72,6 +72,20 @@ impl KeyStore for Broken {
     }
 }
 
+/// Resolves no certificate: every handshake fails (used when the TLS files broke between
+/// validation and start, so the listener never falls back to plain HTTP).
+#[derive(Debug)]
+struct NoCert;
+
+impl rustls::server::ResolvesServerCert for NoCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
+    }
+}
+
 /// The SQLite store if open, and what the gate uses for keys and for state.
 type Stores = (
     Option<Arc<SqliteStore>>,
@@ -89,6 +103,8 @@ pub struct Server {
     config_path: Option<PathBuf>,
     ready: AtomicBool,
     admin_token: arc_swap::ArcSwapOption<Vec<u8>>,
+    /// TLS termination, when `proxy.tls` is set.
+    tls: Option<Arc<crate::proxy::server::Tls>>,
 }
 
 /// Reads the admin token from the environment variable or file the config names.
@@ -163,7 +179,29 @@ impl Server {
                 }
             }
         }
-        let proxy = Arc::new(Proxy::new(gate.clone(), false));
+        let tls = {
+            let snap = gate.snapshot();
+            snap.config.proxy.tls.as_ref().map(|files| {
+                // Validation already built this config once; a failure now (the files changed
+                // in between) leaves an empty config that refuses every handshake: never plain.
+                let cfg = crate::tls::server_config(files).unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "TLS config failed; refusing TLS handshakes");
+                    Arc::new(
+                        rustls::ServerConfig::builder_with_provider(Arc::new(
+                            rustls::crypto::ring::default_provider(),
+                        ))
+                        .with_safe_default_protocol_versions()
+                        .map(|b| b.with_no_client_auth().with_cert_resolver(Arc::new(NoCert)))
+                        .unwrap_or_else(|_| unreachable!("ring supports the default versions")),
+                    )
+                });
+                Arc::new(crate::proxy::server::Tls::new(
+                    cfg,
+                    snap.config.proxy.header_read_timeout,
+                ))
+            })
+        };
+        let proxy = Arc::new(Proxy::new(gate.clone(), tls.is_some()));
         let admin_token =
             arc_swap::ArcSwapOption::from(load_admin_token(&gate.snapshot().config).map(Arc::new));
         Server {
@@ -174,6 +212,7 @@ impl Server {
             config_path: opts.config_path,
             ready: AtomicBool::new(false),
             admin_token,
+            tls,
         }
     }
 
@@ -205,8 +244,17 @@ impl Server {
         }
     }
 
-    /// Swaps in a validated config (listener addresses and worker counts apply on restart).
+    /// Swaps in a validated config (listener addresses, worker counts and turning TLS on or off
+    /// apply on restart; a renewed certificate applies at once).
     pub fn apply(&self, config: Config) {
+        if let (Some(tls), Some(files)) = (&self.tls, &config.proxy.tls) {
+            match crate::tls::server_config(files) {
+                Ok(c) => tls.replace(c),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS files unusable; keeping the old certificate")
+                }
+            }
+        }
         self.admin_token
             .store(load_admin_token(&config).map(Arc::new));
         self.gate.reload(Arc::new(config));
@@ -289,14 +337,28 @@ impl Server {
             })
         };
         self.ready.store(true, Ordering::Release);
-        serve(
-            proxy_listener,
-            Arc::new(Plain),
-            self.proxy.clone(),
-            limits,
-            shutdown.clone(),
-        )
-        .await;
+        match &self.tls {
+            Some(tls) => {
+                serve(
+                    proxy_listener,
+                    tls.clone(),
+                    self.proxy.clone(),
+                    limits,
+                    shutdown.clone(),
+                )
+                .await
+            }
+            None => {
+                serve(
+                    proxy_listener,
+                    Arc::new(Plain),
+                    self.proxy.clone(),
+                    limits,
+                    shutdown.clone(),
+                )
+                .await
+            }
+        }
         self.ready.store(false, Ordering::Release);
         unready.abort();
         let _ = background.await;

@@ -67,6 +67,15 @@ pub(super) struct Proxy {
     pub(super) max_body_bytes: u64,
     #[serde(default)]
     pub(super) trust_forwarded: bool,
+    #[serde(default)]
+    pub(super) tls: Option<Tls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Tls {
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
 }
 
 impl Default for Proxy {
@@ -83,6 +92,7 @@ impl Default for Proxy {
             max_headers: DEFAULT_MAX_HEADERS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             trust_forwarded: false,
+            tls: None,
         }
     }
 }

@@ -65,6 +65,8 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     pub max_body_bytes: u64,
     pub trust_forwarded: bool,
+    /// TLS termination on the proxy listener; plain HTTP when absent.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 #[derive(Debug, Clone)]
@@ -342,7 +344,25 @@ impl Validator<'_> {
             max_headers: f.proxy.max_headers,
             max_body_bytes: f.proxy.max_body_bytes,
             trust_forwarded: f.proxy.trust_forwarded,
+            tls: f.proxy.tls.as_ref().map(|t| crate::tls::TlsFiles {
+                cert: PathBuf::from(t.cert.get_ref()),
+                key: PathBuf::from(t.key.get_ref()),
+            }),
         };
+        if let (Some(files), Some(raw)) = (&proxy.tls, &f.proxy.tls) {
+            if let Err(e) = crate::tls::server_config(files) {
+                let at = match e {
+                    crate::tls::TlsError::NoKey(_) => &raw.key,
+                    crate::tls::TlsError::Read { ref path, .. }
+                        if *path == raw.key.get_ref().as_str() =>
+                    {
+                        &raw.key
+                    }
+                    _ => &raw.cert,
+                };
+                self.err("proxy.tls", Some(at), e);
+            }
+        }
         if proxy.max_connections == 0 {
             self.err::<()>("proxy.max_connections", None, "must be at least 1");
         }

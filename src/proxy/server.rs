@@ -117,6 +117,47 @@ impl Acceptor for Plain {
     }
 }
 
+/// TLS termination with a certificate that a reload can replace.
+pub struct Tls {
+    config: arc_swap::ArcSwap<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    pub fn new(config: Arc<rustls::ServerConfig>, handshake_timeout: Duration) -> Tls {
+        Tls {
+            config: arc_swap::ArcSwap::new(config),
+            handshake_timeout,
+        }
+    }
+
+    /// New connections use `config` from now on.
+    pub fn replace(&self, config: Arc<rustls::ServerConfig>) {
+        self.config.store(config);
+    }
+}
+
+impl Acceptor for Tls {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    async fn accept(&self, stream: tokio::net::TcpStream) -> std::io::Result<Self::Io> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load_full());
+        // A handshake that trickles is bounded like a request head.
+        match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        }
+    }
+}
+
 /// Serves `listener` until `shutdown` turns true, then drains for at most the drain timeout.
 pub async fn serve<A: Acceptor>(
     listener: TcpListener,
