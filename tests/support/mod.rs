@@ -723,3 +723,108 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Key lifecycle (tests/keys.rs, tests/cli.rs)
+
+/// `toml` as [`Cfg::render`] makes it, with its `[admin]` table replaced: `listen`, and
+/// `token_file` if given.
+pub fn with_admin(toml: &str, listen: &str, token_file: Option<&Path>) -> String {
+    let base = "\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+    assert!(toml.contains(base), "not a Cfg::render config:\n{toml}");
+    let mut admin = format!("\n[admin]\nlisten = {}\n", toml_str(listen));
+    if let Some(f) = token_file {
+        admin.push_str(&format!(
+            "token_file = {}\n",
+            toml_str(&f.display().to_string())
+        ));
+    }
+    toml.replacen(base, &admin, 1)
+}
+
+/// Writes an admin token file in `dir` (with a trailing newline, as an editor leaves it).
+pub fn write_token_file(dir: &Path, token: &str) -> PathBuf {
+    let path = dir.join("admin.token");
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    path
+}
+
+/// Whether `s` is a live key in keygate's issued format: `^sk_live_[0-9A-Za-z]{28}$`.
+pub fn is_live_key(s: &str) -> bool {
+    s.strip_prefix("sk_live_")
+        .is_some_and(|b| b.len() == 28 && b.bytes().all(|c| c.is_ascii_alphanumeric()))
+}
+
+impl Keygate {
+    /// Starts keygate on listeners the test bound itself, e.g. an admin listener whose port is
+    /// written into a config file that the CLI reads.
+    pub async fn start_on(
+        config: Config,
+        clock: Clock,
+        proxy_l: TcpListener,
+        admin_l: TcpListener,
+    ) -> Keygate {
+        let server = Arc::new(Server::new(
+            config,
+            Options {
+                clock: clock.clone(),
+                metrics: Metrics::standalone(),
+                config_path: None,
+            },
+        ));
+        let proxy = proxy_l.local_addr().unwrap();
+        let admin = admin_l.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(server.clone().run(proxy_l, admin_l, rx));
+        Keygate {
+            proxy,
+            admin,
+            server,
+            clock,
+            client: client(),
+            shutdown: tx,
+            task: Some(task),
+        }
+    }
+
+    /// A call on the admin listener, with `Authorization: Bearer <token>` if given and a JSON
+    /// body if given.
+    pub async fn admin_call(
+        &self,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Resp {
+        let mut rb = self.client.request(method, self.admin_url(path));
+        if let Some(t) = token {
+            rb = rb.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            rb = rb
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        send(rb).await
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`. Only for what another
+/// process does (the CLI); in-process behaviour is driven without waiting.
+pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
