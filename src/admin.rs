@@ -183,10 +183,13 @@ async fn api(server: &Arc<Server>, req: Request<Incoming>) -> Response<Full<Byte
             "the admin API is off: set admin.token_env or admin.token_file",
         );
     };
+    // The scheme is case-insensitive (RFC 9110 §11.1).
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|v| v.as_bytes())
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| v[7..].trim_ascii())
         .unwrap_or(b"");
     if !token_matches(given, &token) {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
@@ -246,6 +249,29 @@ async fn api(server: &Arc<Server>, req: Request<Incoming>) -> Response<Full<Byte
         (Method::POST, ["teams", id, "heartbeat"]) => {
             if !crate::config::valid_id(id) {
                 return error(StatusCode::BAD_REQUEST, "invalid team id");
+            }
+            let team = (*id).to_owned();
+            let known = {
+                let config = config.clone();
+                let team = team.clone();
+                blocking(move || {
+                    config.teams.iter().any(|t| t.id == team)
+                        || crate::store::KeyStore::find_team(&*store, &team)
+                            .ok()
+                            .flatten()
+                            .is_some()
+                })
+                .await
+            };
+            match known {
+                Ok(true) => {}
+                Ok(false) => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        format_args!("team {team:?} not found"),
+                    )
+                }
+                Err(r) => return r,
             }
             s.gate.heartbeats.record_team(id, now);
             Ok(json(

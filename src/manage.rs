@@ -67,6 +67,8 @@ pub struct IssuedKey {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeamRequest {
+    /// Required on create; on `PUT /admin/teams/{id}` the path's id is used.
+    #[serde(default)]
     pub id: String,
     #[serde(default)]
     pub plan: Option<String>,

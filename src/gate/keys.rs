@@ -103,6 +103,8 @@ impl KeyEntry {
 /// Per-key request counts, kept in memory and flushed to the store in batches.
 #[derive(Debug, Default)]
 pub struct KeyUsage {
+    /// What the store had counted when this process first loaded the key.
+    base: AtomicU64,
     count: AtomicU64,
     flushed: AtomicU64,
     last_used: AtomicI64,
@@ -123,6 +125,11 @@ impl KeyUsage {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// All requests with this key: the store's count at first load plus this process's.
+    pub fn total(&self) -> u64 {
+        self.base.load(Ordering::Relaxed) + self.count()
+    }
+
     pub fn last_used(&self) -> Option<UnixMillis> {
         Some(self.last_used.load(Ordering::Relaxed)).filter(|&t| t != 0)
     }
@@ -135,9 +142,18 @@ pub struct UsageRegistry {
 }
 
 impl UsageRegistry {
-    pub fn get(&self, key_id: &str) -> Arc<KeyUsage> {
+    /// The counters of a key, made on first use with the store's count as their base (later
+    /// loads leave the base alone: the store's count then includes this process's flushes).
+    pub fn get(&self, key_id: &str, stored: u64) -> Arc<KeyUsage> {
         let mut map = self.keys.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(key_id.into()).or_default().clone()
+        map.entry(key_id.into())
+            .or_insert_with(|| {
+                Arc::new(KeyUsage {
+                    base: AtomicU64::new(stored),
+                    ..KeyUsage::default()
+                })
+            })
+            .clone()
     }
 
     pub fn peek(&self, key_id: &str) -> Option<Arc<KeyUsage>> {

@@ -470,7 +470,7 @@ impl Gate {
         Ok(Arc::new(KeyEntry {
             buckets: self.limiters.buckets(&team.limits, &limiter_key),
             key_id_header: HeaderValue::from_str(&k.key_id).map_err(|_| LoadError::Unknown)?,
-            usage: self.usage.get(&k.key_id),
+            usage: self.usage.get(&k.key_id, k.use_count),
             key_id,
             team,
             scopes: k.scopes.iter().map(|s| s.as_str().into()).collect(),
@@ -563,6 +563,7 @@ fn build_snapshot(
                         expires_at: None,
                         revoked_at: None,
                         visible_prefix: String::new(),
+                        use_count: 0,
                     },
                 },
             );

@@ -380,7 +380,7 @@ impl Proxy {
             "heartbeat_age_seconds": self.gate.heartbeat_age(&k.team.id, now.wall_ms),
             "heartbeat_required": k.team.heartbeat_required,
             "key_expires_at": k.expires_at.map(millis_to_rfc3339),
-            "requests": usage.count(),
+            "requests": usage.total(),
             "last_used_at": usage.last_used().map(millis_to_rfc3339),
         });
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));

@@ -23,6 +23,8 @@ pub struct StoredKey {
     pub revoked_at: Option<UnixMillis>,
     /// The first characters of the key, for people to recognise it (`sk_live_AbC…`).
     pub visible_prefix: String,
+    /// Requests counted in the store so far (usage is flushed in batches).
+    pub use_count: u64,
 }
 
 impl std::fmt::Debug for StoredKey {

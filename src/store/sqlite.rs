@@ -347,7 +347,8 @@ impl KeyStore for SqliteStore {
     fn find_key(&self, digest: &[u8; 32]) -> Result<Option<StoredKey>, StoreError> {
         let conn = self.conn();
         let mut st = conn.prepare_cached(
-            "SELECT key_id, team_id, name, scopes, environment, created_at, expires_at, revoked_at, visible_prefix
+            "SELECT key_id, team_id, name, scopes, environment, created_at, expires_at, revoked_at, visible_prefix,
+                    use_count
              FROM keys WHERE digest = ?1",
         )?;
         Ok(st
@@ -362,6 +363,7 @@ impl KeyStore for SqliteStore {
                     expires_at: r.get(6)?,
                     revoked_at: r.get(7)?,
                     visible_prefix: r.get(8)?,
+                    use_count: r.get::<_, i64>(9)? as u64,
                 })
             })
             .optional()?)
