@@ -54,6 +54,8 @@ impl std::fmt::Debug for Presented<'_> {
 #[derive(Debug, Clone)]
 pub struct CredentialRules {
     sources: Vec<CredentialSource>,
+    /// The header of each source, in order (stripped before forwarding).
+    headers: Vec<&'static HeaderName>,
     max_len: usize,
     /// (environment, prefix) for keygate-issued keys.
     prefixes: Vec<(String, String)>,
@@ -65,6 +67,14 @@ impl CredentialRules {
         prefixes: &std::collections::BTreeMap<String, String>,
     ) -> Self {
         CredentialRules {
+            headers: cfg
+                .sources
+                .iter()
+                .map(|s| match s {
+                    CredentialSource::ApiKeyHeader => &X_API_KEY,
+                    CredentialSource::Bearer => &AUTHORIZATION,
+                })
+                .collect(),
             sources: cfg.sources.clone(),
             max_len: cfg.max_key_length,
             prefixes: prefixes
@@ -75,11 +85,8 @@ impl CredentialRules {
     }
 
     /// The header names that carry credentials (stripped before forwarding).
-    pub fn header_names(&self) -> impl Iterator<Item = &'static HeaderName> + '_ {
-        self.sources.iter().map(|s| match s {
-            CredentialSource::ApiKeyHeader => &X_API_KEY,
-            CredentialSource::Bearer => &AUTHORIZATION,
-        })
+    pub fn header_names(&self) -> &[&'static HeaderName] {
+        &self.headers
     }
 
     /// Finds and checks the key in `headers`.

@@ -75,10 +75,21 @@ pub struct Grant {
 #[derive(Debug)]
 pub enum Check {
     Granted(Grant),
-    /// Refused; `key` is set when the refusal came after the key was known (for headers).
-    Denied(Denial, Option<Arc<KeyEntry>>),
+    /// Refused. `key` is set when the refusal came after the key was known (for headers),
+    /// `route` when a route had matched (for metrics).
+    Denied {
+        denial: Denial,
+        key: Option<Arc<KeyEntry>>,
+        route: Option<u16>,
+    },
     /// The key is not cached: load it ([`Gate::load`]) and [`Gate::resume`].
     Lookup(Digest),
+}
+
+impl Check {
+    fn denied(denial: Denial, key: Option<Arc<KeyEntry>>, route: Option<u16>) -> Check {
+        Check::Denied { denial, key, route }
+    }
 }
 
 /// What a request's outcome is counted as.
@@ -302,10 +313,10 @@ impl Gate {
     ) -> Check {
         let matched = match snap.routes.find(head.method, head.path) {
             Ok(m) => m,
-            Err(Miss::NotFound) => return Check::Denied(Denial::NotFound, None),
-            Err(Miss::BadPath) => return Check::Denied(Denial::BadRequest, None),
+            Err(Miss::NotFound) => return Check::denied(Denial::NotFound, None, None),
+            Err(Miss::BadPath) => return Check::denied(Denial::BadRequest, None, None),
             Err(Miss::MethodNotAllowed { group }) => {
-                return Check::Denied(Denial::MethodNotAllowed { group }, None)
+                return Check::denied(Denial::MethodNotAllowed { group }, None, None)
             }
         };
         let route = &snap.routes.get(matched.index).config;
@@ -318,13 +329,15 @@ impl Gate {
         }
         let presented = match snap.credentials.find(head.headers) {
             Found::Key(p) => p,
-            Found::Missing => return Check::Denied(Denial::MissingKey, None),
-            Found::Invalid => return self.failed_auth(head.peer, None),
+            Found::Missing => return Check::denied(Denial::MissingKey, None, Some(matched.index)),
+            Found::Invalid => return self.failed_auth(head.peer, matched.index),
         };
         let entry = match loaded {
             Some(Ok(e)) => e,
-            Some(Err(LoadError::Unknown)) => return self.failed_auth(head.peer, None),
-            Some(Err(LoadError::Store(_))) => return Check::Denied(Denial::StoreUnavailable, None),
+            Some(Err(LoadError::Unknown)) => return self.failed_auth(head.peer, matched.index),
+            Some(Err(LoadError::Store(_))) => {
+                return Check::denied(Denial::StoreUnavailable, None, Some(matched.index))
+            }
             None => {
                 let d = keys::digest(presented.bytes);
                 match self.cache.get(&d, self.clock.monotonic().as_nanos() as u64) {
@@ -335,14 +348,14 @@ impl Gate {
                     Cached::KnownUnknown => {
                         self.metrics.cache_negative_hit.inc();
                         if let Some(d) = self.admit_uncached(head.peer) {
-                            return Check::Denied(d, None);
+                            return Check::denied(d, None, Some(matched.index));
                         }
-                        return self.failed_auth(head.peer, None);
+                        return self.failed_auth(head.peer, matched.index);
                     }
                     Cached::Miss => {
                         self.metrics.cache_miss.inc();
                         if let Some(d) = self.admit_uncached(head.peer) {
-                            return Check::Denied(d, None);
+                            return Check::denied(d, None, Some(matched.index));
                         }
                         return Check::Lookup(d);
                     }
@@ -351,7 +364,7 @@ impl Gate {
         };
         // 4. policy
         if entry.is_dead(now.wall_ms) {
-            return self.failed_auth(head.peer, None);
+            return self.failed_auth(head.peer, matched.index);
         }
         if !route.environments.is_empty()
             && !entry
@@ -359,26 +372,32 @@ impl Gate {
                 .as_deref()
                 .is_some_and(|e| route.environments.iter().any(|r| r == e))
         {
-            return Check::Denied(Denial::AccessDenied, Some(entry));
+            return Check::denied(Denial::AccessDenied, Some(entry), Some(matched.index));
         }
         if route.team_param.is_some() && matched.team_param != Some(&*entry.team.id) {
-            return Check::Denied(Denial::AccessDenied, Some(entry));
+            return Check::denied(Denial::AccessDenied, Some(entry), Some(matched.index));
         }
         if !entry.has_scopes(&route.scopes) {
-            return Check::Denied(Denial::InsufficientScope, Some(entry));
+            return Check::denied(Denial::InsufficientScope, Some(entry), Some(matched.index));
         }
         // 5. heartbeat
         if route.heartbeat == HeartbeatRule::Required
             && entry.team.heartbeat_required
             && !entry.team.beat.fresh(now.wall_ms, snap.heartbeat_window_ms)
         {
-            return Check::Denied(Denial::PluginRequired, Some(entry));
+            return Check::denied(Denial::PluginRequired, Some(entry), Some(matched.index));
         }
         // 6. limits
         let rate = if route.rate_limited {
             match limits::check(&entry.buckets, &self.clock) {
                 Ok(info) => info,
-                Err(info) => return Check::Denied(Denial::RateLimited(info), Some(entry)),
+                Err(info) => {
+                    return Check::denied(
+                        Denial::RateLimited(info),
+                        Some(entry),
+                        Some(matched.index),
+                    )
+                }
             }
         } else {
             None
@@ -397,7 +416,7 @@ impl Gate {
     /// An *invalid key* answer, charged to the client address's failed-authentication budget.
     #[cold]
     #[inline(never)]
-    fn failed_auth(&self, peer: IpAddr, key: Option<Arc<KeyEntry>>) -> Check {
+    fn failed_auth(&self, peer: IpAddr, route: u16) -> Check {
         if let Some(f) = &self.failed_auth {
             if let Err(not_until) = f.budget.check_key(&peer) {
                 let now = governor::clock::Clock::now(&self.clock);
@@ -405,7 +424,7 @@ impl Gate {
                 f.blocked.insert(peer, until);
             }
         }
-        Check::Denied(Denial::InvalidKey, key)
+        Check::denied(Denial::InvalidKey, None, Some(route))
     }
 
     /// Refuses a key that is not in the positive cache when its address is blocked, before any

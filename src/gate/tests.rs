@@ -116,7 +116,7 @@ impl Fixture {
         }
         match c {
             Check::Granted(g) => Ok(g),
-            Check::Denied(d, _) => Err(d),
+            Check::Denied { denial, .. } => Err(denial),
             Check::Lookup(_) => panic!("lookup after resume"),
         }
     }

@@ -171,15 +171,11 @@ impl Proxy {
         }
         let grant = match check {
             Check::Granted(g) => g,
-            Check::Denied(d, key) => {
-                let route = match d {
-                    Denial::NotFound | Denial::BadRequest | Denial::MethodNotAllowed { .. } => None,
-                    _ => snap
-                        .routes
-                        .find(&parts.method, parts.uri.path())
-                        .ok()
-                        .map(|m| m.index),
-                };
+            Check::Denied {
+                denial: d,
+                key,
+                route,
+            } => {
                 snap.count(route, Outcome::Denied(d));
                 self.gate
                     .metrics()
@@ -246,12 +242,10 @@ impl Proxy {
                 return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
             }
         };
-        let credential_headers: Vec<&'static HeaderName> =
-            snap.credentials.header_names().collect();
         forward::request_headers(
             &mut parts.headers,
             &Forwarding {
-                credential_headers: &credential_headers,
+                credential_headers: snap.credentials.header_names(),
                 key: grant.key.as_deref(),
                 peer: &conn.peer_header,
                 proto: self.proto,
