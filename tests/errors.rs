@@ -534,3 +534,37 @@ async fn failed_auth_retry_after_is_rounded_up() {
         "refused again after waiting Retry-After = {wait} s"
     );
 }
+
+/// Behind a trusted proxy, the failed-authentication budget is per client (the address the proxy
+/// appended last to X-Forwarded-For), not per proxy: one client guessing keys does not block
+/// another client's uncached valid key. Addresses a client writes to the left are not trusted.
+#[tokio::test]
+async fn failed_auth_budget_is_per_forwarded_client_behind_a_trusted_proxy() {
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.proxy.push("trust_forwarded = true".into());
+    cfg.extra = "[limits]\nfailed_auth_per_minute = 3\n".into();
+    let kg = Keygate::start(&cfg.render()).await;
+    let from = |xff: &str, key: &str| {
+        kg.client
+            .get(kg.url("/api/x"))
+            .header("x-forwarded-for", xff)
+            .header("x-api-key", key)
+    };
+    // The attacker varies the address it claims; the proxy's last entry stays 203.0.113.9.
+    for i in 0..5 {
+        send(from(
+            &format!("10.0.0.{i}, 203.0.113.9"),
+            &format!("kg_nobody_00000000000000{i}"),
+        ))
+        .await;
+    }
+    let r = send(from("203.0.113.9", "kg_nobody_000000000000009")).await;
+    r.assert_error(
+        429,
+        r#"{"error":"Too Many Requests: too many failed authentications"}"#,
+    );
+    // Another client behind the same proxy: its first (uncached) valid request passes.
+    let r = send(from("198.51.100.7", ALPHA_KEY)).await;
+    assert_eq!(r.status, 200);
+}

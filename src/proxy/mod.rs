@@ -159,7 +159,7 @@ impl Proxy {
             method: &parts.method,
             path: parts.uri.path(),
             headers: &parts.headers,
-            peer: conn.peer.ip(),
+            peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
         };
         let mut check = self.gate.check(snap, &head, now);
         if let Check::Lookup(digest) = check {
@@ -385,6 +385,29 @@ impl Proxy {
         rate_headers(resp.headers_mut(), k, grant.rate.as_ref());
         resp
     }
+}
+
+/// The client's address for per-address budgets: the peer, or — behind a trusted proxy — the
+/// address that proxy appended last to `X-Forwarded-For` (entries to its left are the client's
+/// own claims and are not trusted).
+fn client_addr(
+    headers: &http::HeaderMap,
+    conn: &ConnInfo,
+    trust_forwarded: bool,
+) -> std::net::IpAddr {
+    if trust_forwarded {
+        let last = headers
+            .get_all(&forward::X_FORWARDED_FOR)
+            .iter()
+            .last()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|ip| ip.trim().parse().ok());
+        if let Some(ip) = last {
+            return ip;
+        }
+    }
+    conn.peer.ip()
 }
 
 /// RFC 3339 in UTC, for JSON answers.
