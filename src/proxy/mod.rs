@@ -399,7 +399,7 @@ fn client_addr(
         let last = headers
             .get_all(&forward::X_FORWARDED_FOR)
             .iter()
-            .last()
+            .next_back()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
             .and_then(|ip| ip.trim().parse().ok());
