@@ -465,6 +465,14 @@ async fn concurrent_cli_writers_under_proxy_load_all_succeed() {
     for w in writers {
         outs.push(w.await.unwrap());
     }
+    // The stream keeps going until it has made a few requests since the writers started, so it
+    // overlapped them whatever the machine's speed (a fixed count inside the window is a race).
+    poll_until(
+        Duration::from_secs(10),
+        "requests beside the writers",
+        || async { (sent.load(Ordering::SeqCst) >= before + 3).then_some(()) },
+    )
+    .await;
     let during = sent.load(Ordering::SeqCst) - before;
     let lookups_during = lookups() - lookups_before;
     stop.notify_one();

@@ -328,15 +328,7 @@ async fn readiness_reports_the_drain() {
     ));
     up.slow_arrived().await;
     kg.shutdown();
-    let mut refused = false;
-    for _ in 0..500 {
-        if tokio::net::TcpStream::connect(kg.proxy).await.is_err() {
-            refused = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(refused);
+    kg.wait_until_refused().await;
     // Draining: the request is still in flight.
     let ready = kg.server.is_ready();
     let readyz = kg

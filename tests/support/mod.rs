@@ -533,6 +533,19 @@ impl Keygate {
         clock: Clock,
         config_path: Option<PathBuf>,
     ) -> Keygate {
+        let proxy_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Keygate::launch(config, clock, config_path, proxy_l, admin_l)
+    }
+
+    /// Builds the server and runs it on the given listeners.
+    fn launch(
+        config: Config,
+        clock: Clock,
+        config_path: Option<PathBuf>,
+        proxy_l: TcpListener,
+        admin_l: TcpListener,
+    ) -> Keygate {
         let server = Arc::new(Server::new(
             config,
             Options {
@@ -541,8 +554,6 @@ impl Keygate {
                 config_path,
             },
         ));
-        let proxy_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let admin_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy = proxy_l.local_addr().unwrap();
         let admin = admin_l.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
@@ -608,6 +619,18 @@ impl Keygate {
         let r = send(self.client.get(self.admin_url("/metrics"))).await;
         assert_eq!(r.status, 200);
         String::from_utf8(r.raw.to_vec()).unwrap()
+    }
+
+    /// Waits (bounded) until the proxy listener refuses new connections, as it does once a
+    /// shutdown has begun; panics if it never does.
+    pub async fn wait_until_refused(&self) {
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(self.proxy).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the proxy listener still accepts connections after 5 s");
     }
 
     /// Records a heartbeat for the team of `key` through the proxy.
@@ -764,27 +787,7 @@ impl Keygate {
         proxy_l: TcpListener,
         admin_l: TcpListener,
     ) -> Keygate {
-        let server = Arc::new(Server::new(
-            config,
-            Options {
-                clock: clock.clone(),
-                metrics: Metrics::standalone(),
-                config_path: None,
-            },
-        ));
-        let proxy = proxy_l.local_addr().unwrap();
-        let admin = admin_l.local_addr().unwrap();
-        let (tx, rx) = watch::channel(false);
-        let task = tokio::spawn(server.clone().run(proxy_l, admin_l, rx));
-        Keygate {
-            proxy,
-            admin,
-            server,
-            clock,
-            client: client(),
-            shutdown: tx,
-            task: Some(task),
-        }
+        Keygate::launch(config, clock, None, proxy_l, admin_l)
     }
 
     /// A call on the admin listener, with `Authorization: Bearer <token>` if given and a JSON
