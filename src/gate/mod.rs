@@ -444,6 +444,12 @@ impl Gate {
         })
     }
 
+    /// Whether [`Gate::load`] never blocks (the config's keys are the only store), so a miss can
+    /// be loaded on the async worker instead of the blocking pool.
+    pub fn loads_inline(&self) -> bool {
+        self.store.is_in_memory()
+    }
+
     /// Resolves a digest through the cache and the store (blocking; one load per digest).
     pub fn load(&self, d: &Digest) -> Result<Arc<KeyEntry>, LoadError> {
         let now_ns = self.clock.monotonic().as_nanos() as u64;

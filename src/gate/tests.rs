@@ -554,3 +554,19 @@ fn debug_output_never_carries_key_material() {
     assert!(!text.contains(DEMO_KEY));
     assert!(!text.contains(&hex::encode(keys::digest(DEMO_KEY.as_bytes()))));
 }
+
+#[test]
+fn only_in_memory_stores_load_on_the_async_worker() {
+    let f = fixture("");
+    assert!(
+        !f.gate.loads_inline(),
+        "SQLite lookups do I/O: they go to the blocking pool"
+    );
+    let declared_only = Gate::new(
+        config(""),
+        Arc::new(crate::store::NoStore),
+        Clock::manual(T0),
+        Metrics::standalone(),
+    );
+    assert!(declared_only.loads_inline());
+}

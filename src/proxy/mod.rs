@@ -163,10 +163,15 @@ impl Proxy {
         };
         let mut check = self.gate.check(snap, &head, now);
         if let Check::Lookup(digest) = check {
-            let gate = self.gate.clone();
-            let loaded = tokio::task::spawn_blocking(move || gate.load(&digest))
-                .await
-                .unwrap_or_else(|_| Err(LoadError::Store("lookup task failed".into())));
+            let loaded = if self.gate.loads_inline() {
+                // Declared keys only: a miss is a map lookup, not worth a thread hop.
+                self.gate.load(&digest)
+            } else {
+                let gate = self.gate.clone();
+                tokio::task::spawn_blocking(move || gate.load(&digest))
+                    .await
+                    .unwrap_or_else(|_| Err(LoadError::Store("lookup task failed".into())))
+            };
             check = self.gate.resume(snap, &head, now, loaded);
         }
         let grant = match check {

@@ -72,6 +72,12 @@ pub trait KeyStore: Send + Sync + 'static {
     fn find_key(&self, digest: &[u8; 32]) -> Result<Option<StoredKey>, StoreError>;
     /// A team not declared in the config.
     fn find_team(&self, id: &str) -> Result<Option<StoredTeam>, StoreError>;
+
+    /// Whether lookups answer from memory without blocking, so a cache miss may be resolved on
+    /// the async worker instead of the blocking pool. Backends that do I/O keep the default.
+    fn is_in_memory(&self) -> bool {
+        false
+    }
 }
 
 /// State the gate keeps in memory and persists in batches.
@@ -92,6 +98,10 @@ impl KeyStore for NoStore {
     }
     fn find_team(&self, _: &str) -> Result<Option<StoredTeam>, StoreError> {
         Ok(None)
+    }
+
+    fn is_in_memory(&self) -> bool {
+        true
     }
 }
 
