@@ -130,11 +130,6 @@ impl Clock {
             wall_ms.store(to, Ordering::Release);
         }
     }
-
-    /// Whether this is a manual clock (tests).
-    pub fn is_manual(&self) -> bool {
-        matches!(&*self.0, Inner::Manual { .. })
-    }
 }
 
 impl governor::clock::Clock for Clock {
@@ -183,7 +178,6 @@ mod tests {
         let c = Clock::system();
         let real = wall_now_ms();
         assert!((c.now().wall_ms - real).abs() < 5_000);
-        assert!(!c.is_manual());
         let m0 = c.monotonic();
         // The ticker moves the clock; bounded wait for it (no fixed sleep decides the result).
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -20,26 +20,7 @@ async fn exactly_n_of_n_plus_k_concurrent_requests_pass() {
     cfg.tiny_limit = N as u32;
     let kg = Arc::new(Keygate::start(&cfg.render()).await);
 
-    let barrier = Arc::new(Barrier::new(N + K));
-    let tasks: Vec<_> = (0..N + K)
-        .map(|i| {
-            let kg = kg.clone();
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                // One client per task: separate connections, truly concurrent requests.
-                let c = client();
-                let rb = c
-                    .get(kg.url(&format!("/api/n{i}")))
-                    .header("x-api-key", TINY_KEY);
-                barrier.wait().await;
-                send(rb).await.status
-            })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
+    let statuses = concurrent_statuses(&kg, TINY_KEY, N + K).await;
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     let limited = statuses.iter().filter(|&&s| s == 429).count();
     assert_eq!((ok, limited), (N, K), "statuses: {statuses:?}");
@@ -50,25 +31,11 @@ async fn exactly_n_of_n_plus_k_concurrent_requests_pass() {
     );
 
     // Another team on the same keygate, meanwhile, is not limited by tiny's quota.
-    let barrier = Arc::new(Barrier::new(N + K));
-    let tasks: Vec<_> = (0..N + K)
-        .map(|i| {
-            let kg = kg.clone();
-            let barrier = barrier.clone();
-            tokio::spawn(async move {
-                let c = client();
-                let rb = c
-                    .get(kg.url(&format!("/api/m{i}")))
-                    .header("x-api-key", ALPHA_KEY);
-                barrier.wait().await;
-                send(rb).await.status
-            })
-        })
-        .collect();
-    let mut ok = 0;
-    for t in tasks {
-        ok += usize::from(t.await.unwrap() == 200);
-    }
+    let ok = concurrent_statuses(&kg, ALPHA_KEY, N + K)
+        .await
+        .iter()
+        .filter(|&&st| st == 200)
+        .count();
     assert_eq!(
         ok,
         N + K,
@@ -208,4 +175,29 @@ async fn pruning_buckets_is_invisible() {
     let r = kg.get("/api/x", Some(TINY_KEY)).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-ratelimit-remaining"), Some("1"));
+}
+
+/// Sends `n` requests with `key` at once (one client and connection each, released together by
+/// a barrier) and returns their statuses.
+async fn concurrent_statuses(kg: &Arc<Keygate>, key: &'static str, n: usize) -> Vec<u16> {
+    let barrier = Arc::new(Barrier::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let kg = kg.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let c = client();
+                let rb = c
+                    .get(kg.url(&format!("/api/c{i}")))
+                    .header("x-api-key", key);
+                barrier.wait().await;
+                send(rb).await.status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    statuses
 }

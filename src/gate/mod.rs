@@ -162,11 +162,6 @@ impl Snapshot {
     pub fn team(&self, id: &str) -> Option<&Arc<TeamEntry>> {
         self.teams.get(id)
     }
-
-    /// The limits of a named plan.
-    pub fn plan(&self, name: &str) -> Option<&Arc<LimitSet>> {
-        self.plans.get(name)
-    }
 }
 
 /// The per-address failed-authentication budget: failures take tokens; an address out of tokens

@@ -115,11 +115,6 @@ impl Proxy {
         self.upstream.store(Arc::new((target, pool)));
     }
 
-    /// Idle upstream connections held now.
-    pub fn idle_upstream_connections(&self) -> usize {
-        self.upstream.load().1.idle()
-    }
-
     /// Handles one request. Every answer carries `x-request-id`: the client's own when
     /// `proxy.trust_forwarded` is set and it sent a sane one, else a new one.
     pub async fn handle(

@@ -88,11 +88,6 @@ impl Pool {
         &self.0.addr
     }
 
-    /// Idle connections held now.
-    pub fn idle(&self) -> usize {
-        self.0.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// A pooled connection that is ready for a request, if any.
     async fn checkout(&self) -> Option<SendRequest<GuardedBody>> {
         loop {
