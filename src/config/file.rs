@@ -132,6 +132,13 @@ pub(super) struct Upstream {
     pub(super) pool_max_idle: usize,
     #[serde(default = "default_true")]
     pub(super) preserve_host: bool,
+    /// PEM file of the CA(s) an `https://` upstream's certificate must chain to (instead of the
+    /// system's roots).
+    #[serde(default)]
+    pub(super) ca: Option<Spanned<String>>,
+    /// The name an `https://` upstream's certificate must carry, when it is not the URL's host.
+    #[serde(default)]
+    pub(super) server_name: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -84,6 +84,17 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
     pub preserve_host: bool,
+    /// Set for an `https://` upstream.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How keygate speaks TLS to an `https://` upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub config: std::sync::Arc<rustls::ClientConfig>,
+    pub server_name: rustls::pki_types::ServerName<'static>,
+    /// The CA file, if one replaces the system's roots.
+    pub ca: Option<PathBuf>,
 }
 
 /// Where a request's API key may be found.
@@ -479,13 +490,10 @@ impl Validator<'_> {
 
     fn upstream(&mut self, u: &file::Upstream) -> UpstreamConfig {
         let url = match u.url.get_ref().parse::<Uri>() {
-            Ok(url) if url.scheme_str() == Some("http") && url.authority().is_some() => url,
-            Ok(url) if url.scheme_str() == Some("https") && url.authority().is_some() => {
-                self.err(
-                    "upstream.url",
-                    Some(&u.url),
-                    "https upstreams are not supported yet; use an http:// URL",
-                );
+            Ok(url)
+                if matches!(url.scheme_str(), Some("http" | "https"))
+                    && url.authority().is_some() =>
+            {
                 url
             }
             _ => {
@@ -503,6 +511,19 @@ impl Validator<'_> {
         if url.query().is_some() {
             self.err("upstream.url", Some(&u.url), "must not have a query string");
         }
+        let tls = if url.scheme_str() == Some("https") {
+            self.upstream_tls(u, &url)
+        } else {
+            for (field, at) in [
+                ("upstream.ca", &u.ca),
+                ("upstream.server_name", &u.server_name),
+            ] {
+                if let Some(at) = at {
+                    self.err(field, Some(at), "only applies to an https:// upstream.url");
+                }
+            }
+            None
+        };
         UpstreamConfig {
             url,
             connect_timeout: self.positive("upstream.connect_timeout", u.connect_timeout),
@@ -510,6 +531,46 @@ impl Validator<'_> {
             pool_idle_timeout: self.positive("upstream.pool_idle_timeout", u.pool_idle_timeout),
             pool_max_idle: u.pool_max_idle,
             preserve_host: u.preserve_host,
+            tls,
+        }
+    }
+
+    fn upstream_tls(&mut self, u: &file::Upstream, url: &Uri) -> Option<UpstreamTls> {
+        let name = match &u.server_name {
+            Some(n) => n.get_ref().clone(),
+            // `Uri::host` keeps an IPv6 literal's brackets; a server name has none.
+            None => url
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+        };
+        let server_name = match rustls::pki_types::ServerName::try_from(name) {
+            Ok(n) => n,
+            Err(_) => {
+                let (field, at) = match &u.server_name {
+                    Some(at) => ("upstream.server_name", at),
+                    None => ("upstream.url", &u.url),
+                };
+                self.err(field, Some(at), "is not a DNS name or IP address for TLS");
+                return None;
+            }
+        };
+        let ca = u.ca.as_ref().map(|c| PathBuf::from(c.get_ref()));
+        match crate::tls::client_config(ca.as_deref()) {
+            Ok(config) => Some(UpstreamTls {
+                config,
+                server_name,
+                ca,
+            }),
+            Err(e) => {
+                match &u.ca {
+                    Some(at) => self.err("upstream.ca", Some(at), e),
+                    None => self.err("upstream.url", Some(&u.url), e),
+                }
+                None
+            }
         }
     }
 

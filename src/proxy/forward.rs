@@ -42,6 +42,7 @@ static HOP_BY_HOP: [&HeaderName; 9] = [
 #[derive(Debug, Clone)]
 pub struct Target {
     authority: Authority,
+    default_port: u16,
     base: String,
     host: HeaderValue,
 }
@@ -56,6 +57,11 @@ impl Target {
             host: HeaderValue::from_str(authority.as_str())
                 .unwrap_or(HeaderValue::from_static("localhost")),
             authority,
+            default_port: if url.scheme_str() == Some("https") {
+                443
+            } else {
+                80
+            },
             base: url.path().trim_end_matches('/').to_owned(),
         }
     }
@@ -65,7 +71,7 @@ impl Target {
         format!(
             "{}:{}",
             self.authority.host(),
-            self.authority.port_u16().unwrap_or(80)
+            self.authority.port_u16().unwrap_or(self.default_port)
         )
     }
 

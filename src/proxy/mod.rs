@@ -93,6 +93,10 @@ impl Proxy {
         let target = Target::new(&cfg.url);
         let pool = pool::Pool::new(
             target.addr(),
+            cfg.tls.as_ref().map(|t| pool::ClientTls {
+                config: t.config.clone(),
+                server_name: t.server_name.clone(),
+            }),
             cfg.connect_timeout,
             cfg.pool_idle_timeout,
             cfg.pool_max_idle,
@@ -101,13 +105,14 @@ impl Proxy {
         (target, pool)
     }
 
-    /// Picks up a reloaded upstream: a new address gets a new pool, the same one keeps its
-    /// connections.
+    /// Picks up a reloaded upstream: a new address gets a new pool, the same plain-HTTP one
+    /// keeps its connections. A TLS upstream always gets a new pool, so that renewed CA files
+    /// and names apply to every connection after the reload.
     pub fn reloaded(&self) {
         let snap = self.gate.snapshot();
         let (target, pool) = Self::upstream(&self.gate, &snap.config.upstream);
         let current = self.upstream.load();
-        let pool = if current.1.addr() == pool.addr() {
+        let pool = if current.1.addr() == pool.addr() && !current.1.is_tls() && !pool.is_tls() {
             current.1.clone()
         } else {
             pool

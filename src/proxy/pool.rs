@@ -7,6 +7,10 @@
 //! body has been read to the end; one dropped part-way is closed rather than reused. A request
 //! that could not be written on a pooled connection (it closed under us) is retried once on a
 //! fresh one — hyper hands the unsent request back, so nothing is sent twice.
+//!
+//! For an `https://` upstream each connection is a rustls session, set up within the connect
+//! timeout. Upgrades (WebSocket) and `CONNECT` get a connection of their own, never pooled,
+//! which becomes the tunnel.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -18,8 +22,10 @@ use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use hyper::rt::{Read, Write};
 use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
+use rustls::pki_types::ServerName;
 use tokio::time::Instant;
 
 use super::body::GuardedBody;
@@ -35,6 +41,12 @@ pub enum PoolError {
     },
     #[error("connect to {0}: timed out")]
     ConnectTimeout(String),
+    #[error("TLS with {addr}: {source}")]
+    Tls {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Http(#[from] hyper::Error),
 }
@@ -44,8 +56,16 @@ struct Idle {
     since: Instant,
 }
 
+/// TLS settings of an `https://` upstream.
+#[derive(Clone)]
+pub struct ClientTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+}
+
 struct Inner {
     addr: String,
+    tls: Option<ClientTls>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
@@ -68,6 +88,7 @@ impl std::fmt::Debug for Pool {
 impl Pool {
     pub fn new(
         addr: String,
+        tls: Option<ClientTls>,
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
@@ -75,6 +96,7 @@ impl Pool {
     ) -> Pool {
         Pool(Arc::new(Inner {
             addr,
+            tls,
             connect_timeout,
             idle_timeout,
             max_idle,
@@ -86,6 +108,11 @@ impl Pool {
     /// The upstream address (`host:port`).
     pub fn addr(&self) -> &str {
         &self.0.addr
+    }
+
+    /// Whether connections are TLS sessions.
+    pub fn is_tls(&self) -> bool {
+        self.0.tls.is_some()
     }
 
     /// A pooled connection that is ready for a request, if any.
@@ -107,34 +134,43 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<GuardedBody>, PoolError> {
+    async fn connect(&self, upgrades: bool) -> Result<SendRequest<GuardedBody>, PoolError> {
         let addr = &self.0.addr;
-        let stream = match tokio::time::timeout(
-            self.0.connect_timeout,
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(PoolError::Connect {
+        let setup = async {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|source| PoolError::Connect {
                     addr: addr.clone(),
                     source,
-                })
+                })?;
+            let _ = stream.set_nodelay(true);
+            self.0.connects.inc();
+            match &self.0.tls {
+                None => Ok(Stream::Plain(stream)),
+                Some(tls) => tokio_rustls::TlsConnector::from(tls.config.clone())
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map(|s| Stream::Tls(Box::new(s)))
+                    .map_err(|source| PoolError::Tls {
+                        addr: addr.clone(),
+                        source,
+                    }),
             }
-            Err(_) => return Err(PoolError::ConnectTimeout(addr.clone())),
         };
-        let _ = stream.set_nodelay(true);
-        self.0.connects.inc();
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        let stream = tokio::time::timeout(self.0.connect_timeout, setup)
+            .await
+            .map_err(|_| PoolError::ConnectTimeout(addr.clone()))??;
+        match stream {
+            Stream::Plain(s) => start(TokioIo::new(s), upgrades).await,
+            Stream::Tls(s) => start(TokioIo::new(*s), upgrades).await,
+        }
+    }
+
+    /// Sends an upgrade or `CONNECT` request on a connection of its own. When the upstream
+    /// agrees (101, or 2xx to `CONNECT`), `hyper::upgrade::on` the response yields the tunnel.
+    pub async fn tunnel(&self, req: Request<GuardedBody>) -> Result<Response<Incoming>, PoolError> {
+        let mut sender = self.connect(true).await?;
+        Ok(sender.send_request(req).await?)
     }
 
     /// Sends a request (origin-form URI, `Host` set) and returns the response, whose body
@@ -142,14 +178,14 @@ impl Pool {
     pub async fn send(&self, req: Request<GuardedBody>) -> Result<Response<Pooled>, PoolError> {
         let (mut sender, reused) = match self.checkout().await {
             Some(s) => (s, true),
-            None => (self.connect().await?, false),
+            None => (self.connect(false).await?, false),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 // Not written: the pooled connection closed under us. Once more, on a new one.
                 Some(req) if reused => {
-                    sender = self.connect().await?;
+                    sender = self.connect(false).await?;
                     sender.send_request(req).await?
                 }
                 _ => return Err(e.into_error().into()),
@@ -178,6 +214,32 @@ impl Pool {
             });
         }
     }
+}
+
+enum Stream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// The HTTP/1.1 handshake on a connected stream; the connection is driven by a task of its own.
+async fn start<T>(io: T, upgrades: bool) -> Result<SendRequest<GuardedBody>, PoolError>
+where
+    T: Read + Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(io)
+        .await?;
+    tokio::spawn(async move {
+        let ended = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// An upstream response body that returns its connection to the pool at its end.
