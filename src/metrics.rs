@@ -105,6 +105,8 @@ pub struct Metrics {
     pub upstream_connects: IntCounter,
     /// `keygate_state_write_errors_total`
     pub state_write_errors: IntCounter,
+    /// `keygate_tunnels_open`: upgraded (WebSocket) and `CONNECT` tunnels spliced now.
+    pub tunnels_open: IntGauge,
     striped: Arc<Mutex<Vec<Weak<Striped>>>>,
 }
 
@@ -178,6 +180,10 @@ impl Metrics {
                 "keygate_state_write_errors_total",
                 "Failed writes of heartbeats or usage to the state store (kept in memory, retried).",
             )?,
+            tunnels_open: IntGauge::new(
+                "keygate_tunnels_open",
+                "Upgraded (WebSocket) and CONNECT tunnels open now.",
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -195,6 +201,7 @@ impl Metrics {
         r.register(Box::new(m.reloads.clone()))?;
         r.register(Box::new(m.state_write_errors.clone()))?;
         r.register(Box::new(m.upstream_connects.clone()))?;
+        r.register(Box::new(m.tunnels_open.clone()))?;
         Ok(m)
     }
 

@@ -4,6 +4,7 @@
 mod support;
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -360,4 +361,136 @@ async fn upstream_connections_are_reused() {
         "{text}"
     );
     assert_eq!(up.hits(), 23);
+}
+
+/// A WebSocket-style upstream: answers an upgrade with 101 and then echoes bytes back. Returns
+/// its address and, once a request arrives, the request head it saw.
+async fn upgrade_upstream() -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+            }
+        }
+    });
+    (addr, rx)
+}
+
+fn with_ws_route(mut cfg: Cfg) -> String {
+    cfg.routes = format!(
+        "[[routes]]\nname = \"ws\"\npath = \"/ws/*\"\nupgrade = true\n{}",
+        cfg.routes
+    );
+    cfg.render()
+}
+
+/// On a route with `upgrade = true`, a WebSocket handshake reaches the upstream with its
+/// `Upgrade`/`Connection` pair (and without the key), the 101 comes back, and bytes then flow
+/// both ways through the tunnel, which the gauge counts while it is open.
+#[tokio::test]
+async fn a_websocket_upgrade_is_tunnelled_on_an_upgrade_route() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, head) = upgrade_upstream().await;
+    let kg = Keygate::start(&with_ws_route(Cfg::new(up))).await;
+    let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /ws/chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+             x-api-key: {ALPHA_KEY}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut resp = Vec::new();
+    let mut byte = [0u8; 1];
+    while !resp.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        resp.push(byte[0]);
+    }
+    let resp = String::from_utf8(resp).unwrap().to_ascii_lowercase();
+    assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    assert!(resp.contains("upgrade: websocket"), "{resp}");
+    assert!(resp.contains("connection: upgrade"), "{resp}");
+    assert!(
+        resp.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{resp}"
+    );
+    let seen = head.await.unwrap().to_ascii_lowercase();
+    assert!(seen.starts_with("get /ws/chat http/1.1"), "{seen}");
+    assert!(seen.contains("upgrade: websocket"), "{seen}");
+    assert!(seen.contains("connection: upgrade"), "{seen}");
+    assert!(seen.contains("x-keygate-team: alpha"), "{seen}");
+    assert!(
+        !seen.contains(&ALPHA_KEY.to_ascii_lowercase()),
+        "the key must not cross: {seen}"
+    );
+    for msg in [&b"ping"[..], &[0x81, 0x02, b'h', b'i'][..]] {
+        s.write_all(msg).await.unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        s.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, msg);
+    }
+    assert_eq!(
+        metric(&kg.metrics().await, "keygate_tunnels_open"),
+        Some(1.0)
+    );
+    drop(s);
+    poll_until(Duration::from_secs(5), "the tunnel to close", || async {
+        (metric(&kg.metrics().await, "keygate_tunnels_open") == Some(0.0)).then_some(())
+    })
+    .await;
+}
+
+/// An upgrade route still authenticates first, and an upstream that declines the upgrade
+/// answers as usual.
+#[tokio::test]
+async fn an_upgrade_route_still_needs_a_key_and_a_declined_upgrade_is_an_ordinary_answer() {
+    let up = Upstream::start().await;
+    let kg = Keygate::start(&with_ws_route(Cfg::new(up.addr))).await;
+    let upgrade = "Upgrade: websocket\r\nConnection: Upgrade, close\r\n";
+    let raw = raw_request(
+        kg.proxy,
+        format!("GET /ws/chat HTTP/1.1\r\nHost: a\r\n{upgrade}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
+    assert!(raw.ends_with(MISSING_KEY), "{raw}");
+    assert_eq!(up.hits(), 0);
+    // The plain test upstream knows nothing of WebSocket: its 200 comes back as is.
+    let raw = raw_request(
+        kg.proxy,
+        format!("GET /ws/chat HTTP/1.1\r\nHost: a\r\n{upgrade}x-api-key: {ALPHA_KEY}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!(up.hits(), 1);
+    // The same handshake on a route without `upgrade` is refused before the upstream.
+    let raw = raw_request(
+        kg.proxy,
+        format!("GET /api/chat HTTP/1.1\r\nHost: a\r\n{upgrade}x-api-key: {ALPHA_KEY}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    assert_eq!(up.hits(), 1);
 }

@@ -198,9 +198,9 @@ impl Proxy {
             snap.count(Some(grant.route), Outcome::Served);
             return self.usage(&grant, now);
         }
-        if !route.upgrade
-            && (parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE))
-        {
+        let tunnel = parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE);
+        // A tunnel needs HTTP/1.1's upgrade; HTTP/2's extended CONNECT is not offered.
+        if tunnel && (!route.upgrade || parts.version != http::Version::HTTP_11) {
             snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
             return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
         }
@@ -221,41 +221,34 @@ impl Proxy {
             watch,
             request_id,
         };
+        if tunnel {
+            return self.tunnel(snap, parts, body, grant, &ctx).await;
+        }
         self.forward(snap, parts, body, grant, &ctx).await
     }
 
-    async fn forward(
+    /// The upstream's request: origin-form URI under the target's base, headers rewritten for
+    /// the hop, the body guarded by the size and stall limits.
+    fn upstream_request(
         &self,
         snap: &Snapshot,
+        target: &Target,
         mut parts: http::request::Parts,
         body: Incoming,
-        grant: Grant,
+        grant: &Grant,
         ctx: &Ctx<'_>,
-    ) -> Response<ProxyBody> {
-        let Ctx {
-            conn,
-            watch,
-            request_id,
-        } = *ctx;
+    ) -> Result<(Request<GuardedBody>, Arc<BodyFate>), Denial> {
         let cfg = &snap.config;
-        let upstream = self.upstream.load();
-        let (target, pool) = &**upstream;
-        let uri = match target.uri(&parts.uri) {
-            Ok(u) => u,
-            Err(_) => {
-                snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
-                return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
-            }
-        };
+        let uri = target.uri(&parts.uri).map_err(|_| Denial::BadRequest)?;
         forward::request_headers(
             &mut parts.headers,
             &Forwarding {
                 credential_headers: snap.credentials.header_names(),
                 key: grant.key.as_deref(),
-                peer: &conn.peer_header,
+                peer: &ctx.conn.peer_header,
                 proto: self.proto,
                 trust_forwarded: cfg.proxy.trust_forwarded,
-                request_id: request_id.clone(),
+                request_id: ctx.request_id.clone(),
             },
         );
         if !cfg.upstream.preserve_host {
@@ -278,7 +271,28 @@ impl Proxy {
             cfg.proxy.body_timeout,
             Some(fate.clone()),
         );
-        let req = Request::from_parts(parts, body);
+        Ok((Request::from_parts(parts, body), fate))
+    }
+
+    async fn forward(
+        &self,
+        snap: &Snapshot,
+        parts: http::request::Parts,
+        body: Incoming,
+        grant: Grant,
+        ctx: &Ctx<'_>,
+    ) -> Response<ProxyBody> {
+        let cfg = &snap.config;
+        let upstream = self.upstream.load();
+        let (target, pool) = &**upstream;
+        let (req, fate) = match self.upstream_request(snap, target, parts, body, &grant, ctx) {
+            Ok(r) => r,
+            Err(d) => {
+                snap.count(Some(grant.route), Outcome::Denied(d));
+                return self.denial(snap, d, grant.key.as_deref(), false);
+            }
+        };
+        let watch = ctx.watch;
         let metrics = self.gate.metrics();
         metrics
             .overhead_seconds
@@ -314,6 +328,101 @@ impl Proxy {
         snap.count(Some(grant.route), Outcome::Denied(denial));
         let close = matches!(denial, Denial::PayloadTooLarge | Denial::RequestTimeout);
         self.denial(snap, denial, grant.key.as_deref(), close)
+    }
+
+    /// An upgrade (WebSocket) or `CONNECT` on a route that allows it: the request goes to the
+    /// upstream on a connection of its own, and if the upstream switches protocols (101, or 2xx
+    /// to `CONNECT`) the two connections are spliced until either side closes. Any other answer
+    /// is passed back as an ordinary response.
+    async fn tunnel(
+        &self,
+        snap: &Snapshot,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        grant: Grant,
+        ctx: &Ctx<'_>,
+    ) -> Response<ProxyBody> {
+        let connect = parts.method == Method::CONNECT;
+        let (Some(client_side), upgrade) = (
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>(),
+            parts.headers.get(header::UPGRADE).cloned(),
+        ) else {
+            snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
+            return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
+        };
+        let upstream = self.upstream.load();
+        let (target, pool) = &**upstream;
+        let mut req = match self.upstream_request(snap, target, parts, body, &grant, ctx) {
+            Ok((r, _)) => r,
+            Err(d) => {
+                snap.count(Some(grant.route), Outcome::Denied(d));
+                return self.denial(snap, d, grant.key.as_deref(), false);
+            }
+        };
+        // Hop-by-hop, so stripped above; an upgrade needs them on this hop too.
+        if let Some(u) = upgrade {
+            req.headers_mut().insert(header::UPGRADE, u);
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let timeout = snap.config.upstream.request_timeout;
+        let mut resp = match tokio::time::timeout(timeout, pool.tunnel(req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upstream tunnel request failed");
+                snap.count(
+                    Some(grant.route),
+                    Outcome::Denied(Denial::UpstreamUnavailable),
+                );
+                return self.denial(
+                    snap,
+                    Denial::UpstreamUnavailable,
+                    grant.key.as_deref(),
+                    false,
+                );
+            }
+            Err(_) => {
+                snap.count(Some(grant.route), Outcome::Denied(Denial::UpstreamTimeout));
+                return self.denial(snap, Denial::UpstreamTimeout, grant.key.as_deref(), false);
+            }
+        };
+        snap.count(Some(grant.route), Outcome::Forwarded);
+        let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            || (connect && resp.status().is_success());
+        let upgrade = resp.headers().get(header::UPGRADE).cloned();
+        forward::strip_hop_by_hop(resp.headers_mut(), false);
+        if let Some(k) = &grant.key {
+            rate_headers(resp.headers_mut(), k, grant.rate.as_ref());
+        }
+        if !switched {
+            let (rparts, rbody) = resp.into_parts();
+            return Response::from_parts(rparts, Either::Left(pool::Pooled::unpooled(rbody)));
+        }
+        if let Some(u) = upgrade {
+            resp.headers_mut().insert(header::UPGRADE, u);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let tunnels = self.gate.metrics().tunnels_open.clone();
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel upgrade failed");
+                    return;
+                }
+            };
+            tunnels.inc();
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "tunnel ended with an error");
+            }
+            tunnels.dec();
+        });
+        let (rparts, _) = resp.into_parts();
+        Response::from_parts(rparts, Either::Right(Full::new(Bytes::new())))
     }
 
     /// A denial's response: status, JSON body, and the headers it calls for.

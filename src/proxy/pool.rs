@@ -249,6 +249,11 @@ pub struct Pooled {
 }
 
 impl Pooled {
+    /// A body whose connection is not the pool's (a tunnel's refusal).
+    pub fn unpooled(inner: Incoming) -> Pooled {
+        Pooled { inner, back: None }
+    }
+
     fn give_back(&mut self) {
         if let Some((sender, pool)) = self.back.take() {
             pool.put(sender);
