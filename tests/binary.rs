@@ -263,3 +263,120 @@ fn hash_key_prints_the_digest() {
         String::from_utf8_lossy(&out.stdout).trim()
     );
 }
+
+/// SIGTERM while clients keep requests coming and three requests wait at the upstream: the
+/// listener closes, the waiting requests finish with their full answers, every answered
+/// request is a 200 (clients see refused connections, never a 5xx or a cut body), and the
+/// process exits 0 well within its drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_finishes_what_is_in_flight() {
+    let up = std::sync::Arc::new(Upstream::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("keygate.toml");
+    let log_path = dir.path().join("stderr.log");
+    let proxy_port = free_port();
+    let toml = Cfg::new(up.addr).render().replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{proxy_port}\"\nworkers = 1\ndrain_timeout = \"20s\""),
+        1,
+    );
+    write_file(&config_path, &toml);
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start keygate");
+    let pid = child.id().unwrap();
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let c = client();
+    poll(Duration::from_secs(20), "the proxy to answer", || {
+        let rb = c
+            .get(format!("{proxy}/api/x"))
+            .header("x-api-key", ALPHA_KEY);
+        async move { rb.send().await.ok().filter(|r| r.status() == 200) }
+    })
+    .await;
+
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let rb = c
+                .get(format!("{proxy}/api/slow"))
+                .header("x-api-key", BETA_KEY);
+            tokio::spawn(send(rb))
+        })
+        .collect();
+    for _ in 0..3 {
+        up.slow_arrived().await;
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, proxy, stop) = (client(), proxy.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut answered, mut refused) = (Vec::new(), 0usize);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let sent = c
+                        .get(format!("{proxy}/api/x"))
+                        .header("x-api-key", BETA_KEY)
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) => {
+                            let status = r.status().as_u16();
+                            let body = r.bytes().await.map(|b| b.len()).unwrap_or(0);
+                            answered.push((status, body));
+                        }
+                        Err(_) => refused += 1,
+                    }
+                }
+                (answered, refused)
+            })
+        })
+        .collect();
+    let before = up.hits();
+    poll(Duration::from_secs(10), "load to flow", || {
+        let now = up.hits();
+        async move { (now > before + 50).then_some(()) }
+    })
+    .await;
+
+    signal(pid, "TERM");
+    poll(Duration::from_secs(10), "the listener to close", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", proxy_port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "keygate must wait for the requests in flight"
+    );
+    up.release_slow(3);
+    for s in slow {
+        let r = s.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body["slow"], "released");
+    }
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("no exit after the drain; stderr:\n{}", stderr_of(&log_path)))
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", stderr_of(&log_path));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total = 0;
+    for l in load {
+        let (answered, _refused) = l.await.unwrap();
+        total += answered.len();
+        for (status, body) in &answered {
+            assert_eq!(*status, 200, "an answered request during the drain");
+            assert!(*body > 0, "an answer's body was cut");
+        }
+    }
+    assert!(total > 50, "only {total} requests answered");
+}

@@ -105,9 +105,12 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start() -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        Upstream::start_at("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on a given address (to bring an upstream back where it was).
+    pub async fn start_at(addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Seen::default());
         let s = seen.clone();
