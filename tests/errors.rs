@@ -507,6 +507,11 @@ async fn unreachable_store_fails_closed_with_503() {
         Some(1.0),
         "{m}"
     );
+    assert_eq!(
+        metric(&m, "keygate_store_errors_total"),
+        Some(1.0),
+        "the failed lookup is counted: {m}"
+    );
     assert_eq!(up.hits(), 1);
 }
 
