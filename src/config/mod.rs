@@ -377,8 +377,9 @@ impl Validator<'_> {
         if proxy.max_connections == 0 {
             self.err::<()>("proxy.max_connections", None, "must be at least 1");
         }
-        if proxy.max_header_bytes < 1024 {
-            self.err::<()>("proxy.max_header_bytes", None, "must be at least 1024");
+        if proxy.max_header_bytes < 8192 {
+            // hyper's HTTP/1 read buffer cannot be smaller, so a smaller budget would not hold.
+            self.err::<()>("proxy.max_header_bytes", None, "must be at least 8192");
         }
         if proxy.max_headers == 0 {
             self.err::<()>("proxy.max_headers", None, "must be at least 1");

@@ -55,6 +55,8 @@ pub enum Denial {
     UpstreamTimeout,
     /// The client's request body stalled longer than the body timeout.
     RequestTimeout,
+    /// More header fields than `proxy.max_headers` (HTTP/2; hyper refuses HTTP/1 itself).
+    HeadersTooLarge,
 }
 
 /// Status, machine code, structured-style code and default message of one denial kind.
@@ -85,7 +87,7 @@ const fn spec(
 }
 
 /// The denial table, indexed by [`Denial::index`]. Pinned by a test.
-static SPECS: [Spec; 15] = [
+static SPECS: [Spec; 16] = [
     spec(404, "not_found", "not_found", "Not Found"),
     spec(405, "method_not_allowed", "method_not_allowed", "Method Not Allowed"),
     spec(400, "bad_request", "bad_request", "Bad Request"),
@@ -106,6 +108,7 @@ static SPECS: [Spec; 15] = [
     spec(502, "upstream_unavailable", "bad_gateway", "Bad Gateway: the upstream is unavailable"),
     spec(504, "upstream_timeout", "gateway_timeout", "Gateway Timeout: the upstream did not answer in time"),
     spec(408, "request_timeout", "request_timeout", "Request Timeout: the request body stalled"),
+    spec(431, "headers_too_large", "request_header_fields_too_large", "Request Header Fields Too Large"),
 ];
 
 impl Denial {
@@ -135,6 +138,7 @@ impl Denial {
             Denial::UpstreamUnavailable => 12,
             Denial::UpstreamTimeout => 13,
             Denial::RequestTimeout => 14,
+            Denial::HeadersTooLarge => 15,
         }
     }
 

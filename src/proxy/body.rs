@@ -32,6 +32,7 @@ pub struct BodyFate(AtomicU8);
 impl BodyFate {
     const TOO_LARGE: u8 = 1;
     const STALLED: u8 = 2;
+    const MALFORMED: u8 = 3;
 
     pub fn too_large(&self) -> bool {
         self.0.load(Ordering::Acquire) == Self::TOO_LARGE
@@ -39,6 +40,11 @@ impl BodyFate {
 
     pub fn stalled(&self) -> bool {
         self.0.load(Ordering::Acquire) == Self::STALLED
+    }
+
+    /// The client's body broke its own framing (bad chunked encoding, cut short).
+    pub fn malformed(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::MALFORMED
     }
 }
 
@@ -93,7 +99,12 @@ impl Body for GuardedBody {
                 *this.armed = false;
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(f) = this.fate {
+                    f.0.store(BodyFate::MALFORMED, Ordering::Release);
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => {
                 let deadline = Instant::now() + *this.stall;

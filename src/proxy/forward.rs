@@ -130,6 +130,15 @@ pub struct Forwarding<'a> {
     pub request_id: HeaderValue,
 }
 
+/// Whether a `Connection` field lists `token` (case-insensitive).
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
 /// Rewrites request headers for the upstream (see the module docs for the order).
 pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     strip_hop_by_hop(headers, true);
@@ -137,9 +146,16 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
         headers.remove(*h);
     }
     // One pass over the names for the patterns a fixed list cannot name.
+    // Untrusted, any `X-Forwarded-*` (Port, Prefix, Server, Uri, …) and `X-Real-IP` could
+    // mislead the upstream about the client; keygate sets For and Proto itself below.
     let suspicious: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| n.as_str().contains('_') || n.as_str().starts_with("x-keygate-"))
+        .filter(|n| {
+            let n = n.as_str();
+            n.contains('_')
+                || n.starts_with("x-keygate-")
+                || (!f.trust_forwarded && (n.starts_with("x-forwarded-") || n == "x-real-ip"))
+        })
         .cloned()
         .collect();
     for n in suspicious {

@@ -155,6 +155,11 @@ impl Proxy {
             snap.count(None, Outcome::Denied(d));
             return self.denial(snap, d, None, true);
         }
+        // HTTP/1's parser counts fields itself; HTTP/2's only bounds their bytes.
+        if parts.headers.len() > snap.config.proxy.max_headers {
+            snap.count(None, Outcome::Denied(Denial::HeadersTooLarge));
+            return self.denial(snap, Denial::HeadersTooLarge, None, false);
+        }
         let head = RequestHead {
             method: &parts.method,
             path: parts.uri.path(),
@@ -198,7 +203,9 @@ impl Proxy {
             snap.count(Some(grant.route), Outcome::Served);
             return self.usage(&grant, now);
         }
-        let tunnel = parts.method == Method::CONNECT || parts.headers.contains_key(header::UPGRADE);
+        let tunnel = parts.method == Method::CONNECT
+            || parts.headers.contains_key(header::UPGRADE)
+            || forward::connection_has(&parts.headers, "upgrade");
         // A tunnel needs HTTP/1.1's upgrade; HTTP/2's extended CONNECT is not offered.
         if tunnel && (!route.upgrade || parts.version != http::Version::HTTP_11) {
             snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
@@ -318,6 +325,9 @@ impl Proxy {
                     Denial::PayloadTooLarge
                 } else if fate.stalled() {
                     Denial::RequestTimeout
+                } else if fate.malformed() {
+                    // The client's fault, not the upstream's: no 502, no upstream alert.
+                    Denial::BadRequest
                 } else {
                     tracing::warn!(error = %e, "upstream request failed");
                     Denial::UpstreamUnavailable
@@ -326,7 +336,10 @@ impl Proxy {
             Err(_) => Denial::UpstreamTimeout,
         };
         snap.count(Some(grant.route), Outcome::Denied(denial));
-        let close = matches!(denial, Denial::PayloadTooLarge | Denial::RequestTimeout);
+        let close = matches!(
+            denial,
+            Denial::PayloadTooLarge | Denial::RequestTimeout | Denial::BadRequest
+        );
         self.denial(snap, denial, grant.key.as_deref(), close)
     }
 
@@ -589,6 +602,15 @@ fn framing_denial(parts: &http::request::Parts) -> Option<Denial> {
     let mut lens = h.get_all(header::CONTENT_LENGTH).iter();
     let first_len = lens.next();
     if lens.next().is_some() || (first_len.is_some() && h.contains_key(header::TRANSFER_ENCODING)) {
+        return Some(Denial::BadRequest);
+    }
+    // keygate streams bodies as they come and can apply no coding but chunked: anything else
+    // (`gzip, chunked`) would be silently dropped on the way upstream.
+    if h.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| !t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    }) {
         return Some(Denial::BadRequest);
     }
     if parts

@@ -834,3 +834,167 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP/1 clients for hostile input (tests/abuse.rs)
+
+/// Sends raw bytes on a fresh connection and reads until the server closes it, tolerating what a
+/// server that refuses bad input may do: stop reading (the write fails) or reset the connection
+/// (the read fails). Returns what was read; panics if the connection is still open after 10 s.
+pub async fn raw_until_closed(addr: SocketAddr, request: &[u8]) -> String {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    read_until_closed(s, request).await
+}
+
+/// [`raw_until_closed`] on a connection the caller opened (e.g. from another local address).
+pub async fn read_until_closed(mut s: tokio::net::TcpStream, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the server did not close the connection within 10 s; it sent:\n{}",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A TCP connection to `addr` from the local address `ip` (any of 127.0.0.0/8 works on Linux),
+/// so one test can be several clients.
+pub async fn connect_from(ip: std::net::IpAddr, addr: SocketAddr) -> tokio::net::TcpStream {
+    let sock = match ip {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .unwrap();
+    sock.bind(SocketAddr::new(ip, 0))
+        .unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+    sock.connect(addr).await.unwrap()
+}
+
+/// The first HTTP/1 answer in raw bytes read off a socket.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub status: u16,
+    /// The head, field names lowercased, one `name: value` per line.
+    pub head: String,
+    pub body: String,
+}
+
+impl RawAnswer {
+    /// Parses the first answer in `raw`; `None` if there is none (the server said nothing).
+    pub fn parse(raw: &str) -> Option<RawAnswer> {
+        let (head, rest) = raw.split_once("\r\n\r\n")?;
+        let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+        let head: String = head
+            .lines()
+            .map(|l| match l.split_once(':') {
+                Some((n, v)) => format!("{}: {}\n", n.to_ascii_lowercase(), v.trim()),
+                None => format!("{l}\n"),
+            })
+            .collect();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        let body = rest.get(..len).unwrap_or(rest).to_owned();
+        Some(RawAnswer { status, head, body })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let prefix = format!("{}: ", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+    }
+
+    /// Asserts one of keygate's error answers: status, exact body, `application/json`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, body: &str) {
+        assert_eq!(
+            self.status, status,
+            "status; answer:\n{}{}",
+            self.head, self.body
+        );
+        assert_eq!(self.body, body, "body of the {status}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "content-type of the {status}"
+        );
+    }
+}
+
+/// One keep-alive HTTP/1 connection driven by hand: raw requests in, whole answers out.
+pub struct H1Conn {
+    pub stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl H1Conn {
+    pub async fn connect(addr: SocketAddr) -> H1Conn {
+        H1Conn::on(tokio::net::TcpStream::connect(addr).await.unwrap())
+    }
+
+    pub fn on(stream: tokio::net::TcpStream) -> H1Conn {
+        H1Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, request: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(request).await.unwrap();
+    }
+
+    /// Reads one whole answer (with a `Content-Length` body); panics after 10 s or on EOF.
+    pub async fn answer(&mut self) -> RawAnswer {
+        tokio::time::timeout(Duration::from_secs(10), self.read_answer())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no whole answer within 10 s; got:\n{}",
+                    String::from_utf8_lossy(&self.buf)
+                )
+            })
+    }
+
+    async fn read_answer(&mut self) -> RawAnswer {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end + 4]).into_owned();
+                assert!(
+                    !head
+                        .to_ascii_lowercase()
+                        .contains("transfer-encoding: chunked"),
+                    "H1Conn reads Content-Length answers only:\n{head}"
+                );
+                let probe = RawAnswer::parse(&head).expect("an HTTP/1.1 status line");
+                let len: usize = probe
+                    .header("content-length")
+                    .map_or(0, |n| n.parse().unwrap());
+                if self.buf.len() >= end + 4 + len {
+                    let whole: Vec<u8> = self.buf.drain(..end + 4 + len).collect();
+                    return RawAnswer::parse(&String::from_utf8_lossy(&whole)).unwrap();
+                }
+            }
+            let n = self.stream.read(&mut chunk).await.unwrap();
+            assert!(
+                n > 0,
+                "the connection closed before a whole answer; got:\n{}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
