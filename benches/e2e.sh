@@ -1,20 +1,192 @@
 #!/usr/bin/env bash
 # End-to-end comparison on this machine, in one run: the upstream directly, nginx and HAProxy
-# doing the gateway's job (../shared/bench/peers/), and keygate with config/bench.toml, in
-# alternating rounds under the same wrk load. Prints requests/s, p99 and the ratios.
-#   bash benches/e2e.sh            env: ROUNDS (2), DUR seconds (8), CONN (64), WORKERS (1)
+# doing the gateway's job (configs from ../shared/bench/peers/), keygate with config/bench.toml,
+# and keygate with authentication and limits off (a public route; metrics stay on), in
+# alternating rounds under the same wrk load over the 1,000 bench keys.
+#
+# Scenarios, each printing requests/s, p50/p99/p99.9 and non-2xx per system, then ratios:
+#   valid    every request carries one of the 1,000 keys (round robin)
+#   invalid  every request carries the same unknown key, then a new random one each time
+#   limited  plans small enough that about half the requests get 429 (same limit for all three)
+#   cpu      a fixed offered rate; CPU microseconds per request of keygate, nginx and HAProxy
+#
+#   bash benches/e2e.sh        env: WORKERS (1), ROUNDS (2), DUR seconds (8), CONN (64),
+#                                   SCENARIOS ("valid invalid limited cpu")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PEERS=${PEERS:-../shared/bench/peers}
+PEERS=$(cd "${PEERS:-../shared/bench/peers}" && pwd)
+WORKERS=${WORKERS:-1}; ROUNDS=${ROUNDS:-2}; DUR=${DUR:-8}; CONN=${CONN:-64}
+SCENARIOS=${SCENARIOS:-"valid invalid limited cpu"}
 for tool in nginx haproxy wrk; do
   command -v "$tool" >/dev/null || { echo "installing nginx haproxy wrk"; apt-get install -y -qq nginx haproxy wrk >/dev/null; break; }
 done
 cargo build --release --quiet
-WORKERS=${WORKERS:-1}
-config=$(mktemp --suffix .toml)
-sed "s/^workers = .*/workers = $WORKERS/" config/bench.toml > "$config"
-./target/release/keygate run --config "$config" > /tmp/keygate-e2e.log 2>&1 &
-kg=$!
-trap 'kill $kg 2>/dev/null; rm -f "$config"' EXIT
-for _ in $(seq 50); do curl -sf http://127.0.0.1:19090/readyz >/dev/null && break; sleep 0.1; done
-WORKERS=$WORKERS bash "$PEERS/run.sh" http://127.0.0.1:18083/api/x
+D=/tmp/kg-peers; mkdir -p $D; : > $D/results
+W=$(mktemp -d)
+
+# --- the systems -------------------------------------------------------------------------------
+: > $D/nginx-keys.map; : > $D/haproxy-keys.map
+for i in $(seq 0 999); do
+  k=$(printf 'sk_live_benchkey_%022d' "$i")
+  echo "\"$k\" team$i;" >> $D/nginx-keys.map; echo "$k team$i" >> $D/haproxy-keys.map
+done
+# peer_configs RATE: the per-team limit per second, or "none" for the shipped one that does
+# not bite.
+peer_configs() {
+  local ngx=() hap=()
+  if [ "$1" != none ]; then
+    ngx=(-e "s/rate=[0-9]*r\/m/rate=$1r\/s/" -e "s/burst=[0-9]*/burst=$1/")
+    hap=(-e "s/http_req_rate(1h)/http_req_rate(1s)/" -e "s/sc_http_req_rate(0) gt [0-9]*/sc_http_req_rate(0) gt $1/")
+  fi
+  sed "s/^worker_processes .*/worker_processes $WORKERS;/" "$PEERS/nginx-backend.conf" > $D/nginx-backend.conf
+  sed -e "s/^worker_processes .*/worker_processes $WORKERS;/" "${ngx[@]}" \
+      "$PEERS/nginx-gateway.conf" > $D/nginx-gateway.conf
+  sed -e "s/nbthread .*/nbthread $WORKERS/" "${hap[@]}" \
+      "$PEERS/haproxy-gateway.cfg" > $D/haproxy-gateway.cfg
+}
+# keygate_config NAME PORT ADMIN_PORT RATE OPEN
+keygate_config() {
+  local lim=()
+  [ "$4" != none ] && lim=(-e "s/^limits = .*/limits = [{ requests = $4, per = \"1s\", burst = $4 }]/")
+  sed -e "s/^workers = .*/workers = $WORKERS/" -e "s/127.0.0.1:18083/127.0.0.1:$2/" \
+      -e "s/127.0.0.1:19090/127.0.0.1:$3/" "${lim[@]}" \
+      config/bench.toml > "$W/$1.toml"
+  if [ "$5" = open ]; then
+    sed -i 's|^path = "/\*"$|path = "/*"\npublic = true|' "$W/$1.toml"
+  fi
+}
+pids=()
+stop_all() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; pids=()
+  for p in $D/*.pid; do [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null; rm -f "$p"; done
+  sleep 0.5
+}
+trap 'stop_all; rm -rf "$W"' EXIT
+# start_all RATE_PER_SEC
+start_all() {
+  stop_all
+  peer_configs "$1"
+  nginx -c $D/nginx-backend.conf && nginx -c $D/nginx-gateway.conf
+  haproxy -D -p $D/haproxy.pid -f $D/haproxy-gateway.cfg
+  keygate_config keygate 18083 19090 "$1" closed
+  keygate_config open 18084 19091 "$1" open
+  for c in keygate open; do
+    ./target/release/keygate run --config "$W/$c.toml" >> "$W/$c.log" 2>&1 & pids+=($!)
+  done
+  kg_pid=${pids[0]}
+  for port in 19090 19091; do
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
+  done
+}
+URL_direct=http://127.0.0.1:18080/api/x
+URL_nginx=http://127.0.0.1:18081/api/x
+URL_haproxy=http://127.0.0.1:18082/api/x
+URL_keygate=http://127.0.0.1:18083/api/x
+URL_open=http://127.0.0.1:18084/api/x
+
+# --- load ----------------------------------------------------------------------------------------
+cat > "$W/report.lua" <<'EOF'
+function done(summary, latency, requests)
+  io.write(string.format("REPORT requests=%d p50=%.0f p99=%.0f p999=%.0f\n", summary.requests,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+EOF
+cat "$W/report.lua" - > "$W/valid.lua" <<'EOF'
+local n = 0
+function init(args) n = math.random(0, 999) end
+function request()
+  n = (n + 1) % 1000
+  return wrk.format("GET", nil, { ["x-api-key"] = string.format("sk_live_benchkey_%022d", n) })
+end
+EOF
+cat "$W/report.lua" - > "$W/repeated.lua" <<'EOF'
+wrk.headers["x-api-key"] = "sk_live_benchkey_9999999999999999999999"
+EOF
+cat "$W/report.lua" - > "$W/random.lua" <<'EOF'
+math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+function request()
+  return wrk.format("GET", nil, { ["x-api-key"] = string.format("sk_live_benchkey_x%021d", math.random(0, 2^52)) })
+end
+EOF
+# A fixed offered rate: every connection waits DELAY ms between requests.
+cat "$W/valid.lua" - > "$W/paced.lua" <<'EOF'
+function delay() return 8 end
+EOF
+
+# bench SCENARIO NAME SCRIPT
+bench() {
+  local url_var="URL_$2"; local out
+  out=$(wrk -t1 -c"$CONN" -d"${DUR}s" -s "$W/$3.lua" "${!url_var}" 2>&1)
+  local rps non2xx rep
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  rep=$(echo "$out" | awk '/^REPORT/ {print $3, $4, $5}')
+  echo "$1 $2 rps=$rps ${rep} non2xx=${non2xx:-0}" | tee -a $D/results
+}
+cpu_ticks() { # sum of utime+stime of a process and its children threads/processes
+  local total=0
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo $total
+}
+# cpu NAME PIDS...: requests served and CPU µs per request at the paced rate.
+cpu() {
+  local name=$1; shift
+  local url_var="URL_$name" before after out reqs
+  before=$(cpu_ticks "$@")
+  out=$(wrk -t1 -c"$CONN" -d"${DUR}s" -s "$W/paced.lua" "${!url_var}" 2>&1)
+  after=$(cpu_ticks "$@")
+  reqs=$(echo "$out" | awk '/^REPORT/ {split($2,a,"="); print a[2]}')
+  awk -v n="$name" -v t=$((after - before)) -v r="$reqs" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN {printf "cpu %s requests=%d cpu_s=%.2f us_per_request=%.1f\n", n, r, t/hz, t/hz*1e6/r}' | tee -a $D/results
+}
+
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); workers=$WORKERS conn=$CONN dur=${DUR}s rounds=$ROUNDS"
+start_all none
+for s in $SCENARIOS; do
+  case $s in
+    valid)
+      for _ in $(seq "$ROUNDS"); do
+        for sys in direct nginx haproxy keygate open; do bench valid $sys valid; done
+      done ;;
+    invalid)
+      for _ in $(seq "$ROUNDS"); do
+        for sys in nginx haproxy keygate; do bench invalid-repeated $sys repeated; bench invalid-random $sys random; done
+        bench valid keygate valid
+      done ;;
+    limited)
+      # Half the throughput keygate just reached, over 1,000 teams, per second.
+      rps=$(awk '$1=="valid" && $2=="keygate" {split($3,a,"="); s+=a[2]; n++} END {print int(s/n)}' $D/results)
+      rate=$(( rps / 2000 > 0 ? rps / 2000 : 1 ))
+      echo "limited: $rate requests per team per second (burst $rate)"
+      start_all "$rate"
+      for _ in $(seq "$ROUNDS"); do
+        for sys in nginx haproxy keygate; do bench limited $sys valid; done
+      done
+      start_all none ;;
+    cpu)
+      ngx=$(cat $D/nginx-gw.pid); ngx_workers=$(pgrep -P "$ngx" | tr '\n' ' ')
+      cpu keygate "$kg_pid"
+      cpu haproxy "$(cat $D/haproxy.pid)"
+      # shellcheck disable=SC2086
+      cpu nginx "$ngx" $ngx_workers ;;
+  esac
+done
+
+# --- summary: medians per scenario and system, and the ratios -------------------------------------
+echo
+awk '$3 ~ /^rps=/ {split($3,a,"="); print $1, $2, a[2], $4, $5, $6, $7}' $D/results | sort -k1,1 -k2,2 -k3,3g |
+awk '{k=$1" "$2; v[k]=v[k]" "$3; l[k]=$4" "$5" "$6" "$7} END {for (k in v) print k, v[k], "|", l[k]}' |
+while read -r sc sys rest; do
+  vals=${rest%%|*}; lat=${rest#*|}
+  med=$(echo "$vals" | tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
+  echo "median $sc $sys rps=$med last:$lat"
+done | sort | tee $D/medians
+awk '{split($4,a,"="); m[$2" "$3]=a[2]} END {
+  v = m["valid keygate"]
+  if (m["valid direct"]) printf "valid: keygate/direct=%.2f keygate/nginx=%.2f keygate/haproxy=%.2f nginx/direct=%.2f haproxy/direct=%.2f keygate/keygate-open=%.2f\n", v/m["valid direct"], v/m["valid nginx"], v/m["valid haproxy"], m["valid nginx"]/m["valid direct"], m["valid haproxy"]/m["valid direct"], v/m["valid open"]
+  if (m["invalid-repeated keygate"]) printf "invalid: keygate repeated/valid=%.2f random/valid=%.2f random/repeated=%.2f; nginx repeated/valid=%.2f; haproxy repeated/valid=%.2f\n", m["invalid-repeated keygate"]/v, m["invalid-random keygate"]/v, m["invalid-random keygate"]/m["invalid-repeated keygate"], m["invalid-repeated nginx"]/m["valid nginx"], m["invalid-repeated haproxy"]/m["valid haproxy"]
+  if (m["limited keygate"]) printf "limited: keygate/nginx=%.2f keygate/haproxy=%.2f keygate limited/valid=%.2f\n", m["limited keygate"]/m["limited nginx"], m["limited keygate"]/m["limited haproxy"], m["limited keygate"]/v
+}' $D/medians
+grep '^cpu ' $D/results || true
