@@ -526,7 +526,10 @@ fn a_head_budget_below_8_kib_is_refused_at_load() {
     let e = keygate::config::Config::from_toml(&cfg.render())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("proxy.max_header_bytes") && e.contains("8192"), "{e}");
+    assert!(
+        e.contains("proxy.max_header_bytes") && e.contains("8192"),
+        "{e}"
+    );
     cfg.proxy.pop();
     cfg.proxy.push("max_header_bytes = 8192".into());
     assert!(keygate::config::Config::from_toml(&cfg.render()).is_ok());
