@@ -39,6 +39,21 @@ where
     }
 }
 
+/// `keygate run --config <config>`, its stderr to `log`; killed when dropped.
+fn spawn_run(config: &Path, log: &Path) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start keygate")
+}
+
 fn stderr_of(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
@@ -66,17 +81,7 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
     let mut cfg = Cfg::new(up.addr);
     write_file(&config_path, &render(&cfg));
 
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start keygate");
+    let mut child = spawn_run(&config_path, &log_path);
     let pid = child.id().unwrap();
     let c = client();
     let proxy = format!("http://127.0.0.1:{proxy_port}");
@@ -281,16 +286,7 @@ async fn sigterm_under_load_finishes_what_is_in_flight() {
         1,
     );
     write_file(&config_path, &toml);
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start keygate");
+    let mut child = spawn_run(&config_path, &log_path);
     let pid = child.id().unwrap();
     let proxy = format!("http://127.0.0.1:{proxy_port}");
     let c = client();

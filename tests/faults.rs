@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const BAD_GATEWAY: &str = r#"{"error":"Bad Gateway: the upstream is unavailable"}"#;
 
@@ -38,19 +38,6 @@ async fn an_upstream_that_refuses_is_502_and_is_used_again_when_it_returns() {
         1.0,
         "one pooled connection"
     );
-}
-
-/// Reads one request head (up to the blank line) from `s`; `None` at end of stream.
-async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut byte).await {
-            Ok(1) => head.push(byte[0]),
-            _ => return None,
-        }
-    }
-    Some(String::from_utf8_lossy(&head).into_owned())
 }
 
 /// An upstream whose first connection promises 100,000 bytes, sends 1,000 and is reset; every

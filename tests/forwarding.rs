@@ -372,13 +372,8 @@ async fn upgrade_upstream() -> (std::net::SocketAddr, tokio::sync::oneshot::Rece
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut byte).await.unwrap();
-            head.push(byte[0]);
-        }
-        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+        let head = read_head(&mut s).await.unwrap();
+        let _ = tx.send(head);
         s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n")
             .await
             .unwrap();
@@ -420,13 +415,7 @@ async fn a_websocket_upgrade_is_tunnelled_on_an_upgrade_route() {
     )
     .await
     .unwrap();
-    let mut resp = Vec::new();
-    let mut byte = [0u8; 1];
-    while !resp.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).await.unwrap();
-        resp.push(byte[0]);
-    }
-    let resp = String::from_utf8(resp).unwrap().to_ascii_lowercase();
+    let resp = read_head(&mut s).await.unwrap().to_ascii_lowercase();
     assert!(resp.starts_with("http/1.1 101"), "{resp}");
     assert!(resp.contains("upgrade: websocket"), "{resp}");
     assert!(resp.contains("connection: upgrade"), "{resp}");

@@ -998,3 +998,17 @@ impl H1Conn {
         }
     }
 }
+
+/// Reads one message head (up to the blank line) from `s` byte by byte, so nothing after it is
+/// consumed; `None` at end of stream.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::io::AsyncReadExt::read(s, &mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
