@@ -102,11 +102,20 @@ impl Target {
 /// also `Content-Length` (requests are re-framed by hyper from the body).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, framing: bool) {
     if headers.contains_key(header::CONNECTION) {
+        // `keep-alive`, `close` and the fixed list go anyway: no name is made (and allocated)
+        // for them, which is nearly every `Connection` field an upstream sends.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case(b"close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for n in named {
             headers.remove(n);
@@ -191,8 +200,8 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     }
 }
 
-/// Request ids: a random per-process prefix and a counter, 24 hex digits, no allocation but
-/// the header value itself.
+/// Request ids: a random per-process prefix and a counter, 24 hex digits (made in the
+/// per-thread arena of [`super::values`], so sending one both ways allocates nothing).
 #[derive(Debug)]
 pub struct RequestIds {
     prefix: u64,
@@ -212,12 +221,13 @@ impl RequestIds {
     pub fn next(&self) -> HeaderValue {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 24];
         let v = (u128::from(self.prefix) << 64) | u128::from(n);
-        for (i, slot) in buf.iter_mut().enumerate() {
-            *slot = HEX[((v >> (4 * (23 - i))) & 0xf) as usize];
-        }
-        HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
+        super::values::render(24, |b| {
+            for i in 0..24 {
+                b.extend_from_slice(&[HEX[((v >> (4 * (23 - i))) & 0xf) as usize]]);
+            }
+        })
+        .unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
@@ -250,6 +260,16 @@ mod tests {
         ]);
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+        // Tokens in any case; the fixed names are skipped, the others still named and removed.
+        let mut h = map(&[
+            ("connection", "Close, KEEP-ALIVE"),
+            ("connection", " X-Other ,upgrade"),
+            ("x-other", "1"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("accept"));
     }
 

@@ -8,6 +8,7 @@ pub mod body;
 pub mod forward;
 pub mod pool;
 pub mod server;
+pub mod values;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -548,25 +549,44 @@ fn rate_headers(h: &mut http::HeaderMap, k: &KeyEntry, info: Option<&RateInfo>) 
     let limits = &k.team.limits;
     h.insert(RATELIMIT_POLICY.clone(), limits.policy_header.clone());
     if let Some(i) = info {
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "\"{}\";r={};t={}",
-            limits.name,
-            i.remaining,
-            if i.remaining == 0 {
-                i.retry_after_secs.max(i.reset_secs)
-            } else {
-                i.reset_secs
-            }
-        )) {
+        let t = if i.remaining == 0 {
+            i.retry_after_secs.max(i.reset_secs)
+        } else {
+            i.reset_secs
+        };
+        let ratelimit = values::render(limits.name.len() + 48, |b| {
+            let mut n = itoa::Buffer::new();
+            b.extend_from_slice(b"\"");
+            b.extend_from_slice(limits.name.as_bytes());
+            b.extend_from_slice(b"\";r=");
+            b.extend_from_slice(n.format(i.remaining).as_bytes());
+            b.extend_from_slice(b";t=");
+            b.extend_from_slice(n.format(t).as_bytes());
+        });
+        if let Some(v) = ratelimit {
             h.insert(RATELIMIT.clone(), v);
         }
-        h.insert(X_RATELIMIT_LIMIT.clone(), HeaderValue::from(i.limit));
+        h.insert(X_RATELIMIT_LIMIT.clone(), values::int(i.limit.into()));
         h.insert(
             X_RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(i.remaining),
+            values::int(i.remaining.into()),
         );
-        h.insert(X_RATELIMIT_RESET.clone(), HeaderValue::from(i.reset_secs));
+        h.insert(X_RATELIMIT_RESET.clone(), values::int(i.reset_secs));
     }
+}
+
+/// `name` or `name:port` with letters, digits, `.` and `-` only: surely a valid authority, so
+/// the common `Host` needs no (allocating) parse.
+fn plain_host(b: &[u8]) -> bool {
+    let (name, port) = match b.iter().position(|&c| c == b':') {
+        Some(i) => (&b[..i], Some(&b[i + 1..])),
+        None => (b, None),
+    };
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'.' || *c == b'-')
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit))
 }
 
 /// Requests whose framing or target cannot be forwarded safely: HTTP/1.1 without exactly one
@@ -582,12 +602,13 @@ fn framing_denial(parts: &http::request::Parts) -> Option<Denial> {
                 if b.is_empty() && parts.version == http::Version::HTTP_11 || b.contains(&b'@') {
                     return Some(Denial::BadRequest);
                 }
-                if host
-                    .to_str()
-                    .ok()
-                    .and_then(|s| s.parse::<http::uri::Authority>().ok())
-                    .is_none()
-                    && !b.is_empty()
+                if !b.is_empty()
+                    && !plain_host(b)
+                    && host
+                        .to_str()
+                        .ok()
+                        .and_then(|s| s.parse::<http::uri::Authority>().ok())
+                        .is_none()
                 {
                     return Some(Denial::BadRequest);
                 }
@@ -621,4 +642,52 @@ fn framing_denial(parts: &http::request::Parts) -> Option<Denial> {
         return Some(Denial::BadRequest);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_hosts_skip_the_parse_and_agree_with_it() {
+        for h in [
+            "example.com",
+            "a-b.c:8080",
+            "127.0.0.1",
+            "localhost:1",
+            "x:65535",
+        ] {
+            assert!(plain_host(h.as_bytes()), "{h}");
+            assert!(h.parse::<http::uri::Authority>().is_ok(), "{h}");
+        }
+        // Not plain: left to the full parse, which accepts some and refuses others.
+        for h in [
+            "", ":80", "a:", "a:123456", "[::1]:80", "a b", "a:8:8", "u@h", "h%41",
+        ] {
+            assert!(!plain_host(h.as_bytes()), "{h}");
+        }
+    }
+
+    #[test]
+    fn framing_refuses_hosts_the_parse_refuses() {
+        let parts = |host: &'static str| {
+            let (p, ()) = Request::builder()
+                .uri("/x")
+                .header(header::HOST, host)
+                .body(())
+                .unwrap()
+                .into_parts();
+            p
+        };
+        for ok in ["example.com:8080", "[::1]:80", "h.example"] {
+            assert_eq!(framing_denial(&parts(ok)), None, "{ok}");
+        }
+        for bad in ["a b", "a/b", "u@h", "a:b:c:d"] {
+            assert_eq!(
+                framing_denial(&parts(bad)),
+                Some(Denial::BadRequest),
+                "{bad}"
+            );
+        }
+    }
 }
