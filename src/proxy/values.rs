@@ -58,6 +58,7 @@ mod tests {
             assert_eq!(int(i), i.to_string().as_str());
         }
         assert_eq!(c2, "\"free\";r=9;t=3");
+        assert_eq!(c, c2);
         assert_eq!(a, "0");
     }
 
