@@ -393,29 +393,17 @@ fn init_logging(config: &Config) {
     };
 }
 
-fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = if workers == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    } else {
-        workers
-    };
-    if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .enable_all()
-            .build()
-    }
+/// The main runtime: single-threaded. It serves the first worker, the admin API and the
+/// background work; the other workers get runtimes of their own ([`Server::run_workers`]).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn run(config: Config, path: Option<PathBuf>, demo: bool) -> ExitCode {
     init_logging(&config);
-    let rt = match runtime(config.proxy.workers) {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -425,7 +413,7 @@ fn run(config: Config, path: Option<PathBuf>, demo: bool) -> ExitCode {
     let result: anyhow::Result<()> = rt.block_on(async move {
         let (proxy_l, admin_l) = crate::server::bind(&config).await?;
         let upstream = demo.then(|| config.upstream.url.clone());
-        let proxy_addr = proxy_l.local_addr()?;
+        let proxy_addr = proxy_l[0].local_addr()?;
         let admin_addr = admin_l.local_addr()?;
         let registry = prometheus::Registry::new();
         let opts = Options {
@@ -447,9 +435,9 @@ fn run(config: Config, path: Option<PathBuf>, demo: bool) -> ExitCode {
             tokio::spawn(crate::demo::echo_upstream(l, rx.clone()));
             println!("{}", crate::demo::banner(&proxy_addr.to_string(), &admin_addr.to_string()));
         }
-        tracing::info!(proxy = %proxy_addr, admin = %admin_addr, config = ?path.as_deref().map(Path::display).map(|d| d.to_string()), "keygate listening");
+        tracing::info!(proxy = %proxy_addr, admin = %admin_addr, workers = proxy_l.len(), config = ?path.as_deref().map(Path::display).map(|d| d.to_string()), "keygate listening");
         tokio::spawn(crate::signal::handle(server.clone(), tx));
-        server.run(proxy_l, admin_l, rx).await;
+        server.run_workers(proxy_l, admin_l, rx).await;
         Ok(())
     });
     match result {

@@ -4,13 +4,14 @@
 //! [`Server::run`] takes bound listeners and a shutdown receiver, so tests and the demo bind
 //! `127.0.0.1:0` themselves, and the binary maps signals onto the same receiver.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
@@ -96,7 +97,10 @@ type Stores = (
 /// A running keygate's parts.
 pub struct Server {
     pub gate: Arc<Gate>,
+    /// The first worker's proxy (on the caller's runtime).
     pub proxy: Arc<Proxy>,
+    /// The other workers' proxies, each with its own upstream pool on its own runtime.
+    workers: Mutex<Vec<Arc<Proxy>>>,
     /// The SQLite store, when `state.dir` is set and it opened.
     pub store: Option<Arc<SqliteStore>>,
     state: Arc<dyn StateStore>,
@@ -207,6 +211,7 @@ impl Server {
         Server {
             gate,
             proxy,
+            workers: Mutex::new(Vec::new()),
             store,
             state,
             config_path: opts.config_path,
@@ -259,6 +264,9 @@ impl Server {
             .store(load_admin_token(&config).map(Arc::new));
         self.gate.reload(Arc::new(config));
         self.proxy.reloaded();
+        for p in self.workers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            p.reloaded();
+        }
     }
 
     /// The admin API's token, if one is configured.
@@ -320,6 +328,20 @@ impl Server {
         admin_listener: TcpListener,
         shutdown: watch::Receiver<bool>,
     ) {
+        self.run_workers(vec![proxy_listener], admin_listener, shutdown)
+            .await
+    }
+
+    /// [`Server::run`] with one worker per proxy listener (see [`bind`]): the first is served
+    /// on the caller's runtime, with the admin API and the background work; every other one
+    /// on a thread of its own with a single-threaded runtime and its own upstream pool, so a
+    /// request and its upstream connection never change threads. All drain together.
+    pub async fn run_workers(
+        self: Arc<Self>,
+        mut proxy_listeners: Vec<TcpListener>,
+        admin_listener: TcpListener,
+        shutdown: watch::Receiver<bool>,
+    ) {
         let snap = self.gate.snapshot();
         let limits = Limits::from(&snap.config.proxy);
         let usage_every = snap.config.keys.usage_flush_interval;
@@ -336,28 +358,20 @@ impl Server {
                 this.ready.store(false, Ordering::Release);
             })
         };
+        let semaphore = Arc::new(Semaphore::new(limits.max_connections));
+        let first = proxy_listeners.remove(0);
+        let mut others = Vec::new();
+        for (i, l) in proxy_listeners.into_iter().enumerate() {
+            match self.spawn_worker(i + 1, l, &limits, &semaphore, &shutdown) {
+                Ok(done) => others.push(done),
+                Err(e) => tracing::error!(error = %e, worker = i + 1, "cannot start a worker"),
+            }
+        }
         self.ready.store(true, Ordering::Release);
-        match &self.tls {
-            Some(tls) => {
-                serve(
-                    proxy_listener,
-                    tls.clone(),
-                    self.proxy.clone(),
-                    limits,
-                    shutdown.clone(),
-                )
-                .await
-            }
-            None => {
-                serve(
-                    proxy_listener,
-                    Arc::new(Plain),
-                    self.proxy.clone(),
-                    limits,
-                    shutdown.clone(),
-                )
-                .await
-            }
+        self.serve_on(first, self.proxy.clone(), limits, semaphore, shutdown.clone())
+            .await;
+        for done in others {
+            let _ = done.await;
         }
         self.ready.store(false, Ordering::Release);
         unready.abort();
@@ -367,6 +381,57 @@ impl Server {
         let _ = admin_stop.send(true);
         let _ = admin.await;
         tracing::info!("stopped");
+    }
+
+    /// One worker's accept loop and drain, plain or TLS.
+    async fn serve_on(
+        &self,
+        listener: TcpListener,
+        proxy: Arc<Proxy>,
+        limits: Limits,
+        semaphore: Arc<Semaphore>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        match &self.tls {
+            Some(tls) => serve(listener, tls.clone(), proxy, limits, semaphore, shutdown).await,
+            None => serve(listener, Arc::new(Plain), proxy, limits, semaphore, shutdown).await,
+        }
+    }
+
+    /// Starts worker `n` on a thread of its own; the receiver resolves when it has drained.
+    fn spawn_worker(
+        self: &Arc<Self>,
+        n: usize,
+        listener: TcpListener,
+        limits: &Limits,
+        semaphore: &Arc<Semaphore>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        // A listener belongs to the runtime that registered it: hand over the socket itself.
+        let listener = listener.into_std()?;
+        let proxy = Arc::new(Proxy::new(self.gate.clone(), self.tls.is_some()));
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(proxy.clone());
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let (this, limits, semaphore, shutdown) =
+            (self.clone(), limits.clone(), semaphore.clone(), shutdown.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("keygate-w{n}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => this.serve_on(l, proxy, limits, semaphore, shutdown).await,
+                        Err(e) => tracing::error!(error = %e, worker = n, "worker cannot listen"),
+                    }
+                });
+                let _ = done_tx.send(());
+            })?;
+        Ok(done)
     }
 
     /// Periodic work: heartbeats are flushed within a quarter second, usage per interval, idle
@@ -422,21 +487,50 @@ impl Server {
     }
 }
 
-/// Binds the configured listeners.
-pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), ServerError> {
-    let p = TcpListener::bind(config.proxy.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
+/// The worker count `proxy.workers` asks for (0: one per core).
+pub fn workers(config: &Config) -> usize {
+    match config.proxy.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Binds the configured listeners: one proxy listener per worker (with `SO_REUSEPORT`, so the
+/// kernel spreads new connections over the workers' accept queues), and the admin listener.
+pub async fn bind(config: &Config) -> Result<(Vec<TcpListener>, TcpListener), ServerError> {
+    let n = workers(config);
+    let mut addr = config.proxy.listen;
+    let mut proxy = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = listen(addr, n > 1).map_err(|source| ServerError::Bind {
             addr: config.proxy.listen,
             source,
         })?;
+        // Port 0: the other workers join the port the first one got.
+        addr = l.local_addr().unwrap_or(addr);
+        proxy.push(l);
+    }
     let a = TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| ServerError::Bind {
             addr: config.admin.listen,
             source,
         })?;
-    Ok((p, a))
+    Ok((proxy, a))
+}
+
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Resolves once `shutdown` has turned true (or its sender is gone).

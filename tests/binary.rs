@@ -282,7 +282,7 @@ async fn sigterm_under_load_finishes_what_is_in_flight() {
     let proxy_port = free_port();
     let toml = Cfg::new(up.addr).render().replacen(
         "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{proxy_port}\"\nworkers = 1\ndrain_timeout = \"20s\""),
+        &format!("listen = \"127.0.0.1:{proxy_port}\"\nworkers = 3\ndrain_timeout = \"20s\""),
         1,
     );
     write_file(&config_path, &toml);
@@ -297,6 +297,16 @@ async fn sigterm_under_load_finishes_what_is_in_flight() {
         async move { rb.send().await.ok().filter(|r| r.status() == 200) }
     })
     .await;
+    // Three workers: the first on the main thread, two on threads of their own.
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .collect();
+    for w in ["keygate-w1", "keygate-w2"] {
+        assert!(threads.iter().any(|t| t == w), "{w} in {threads:?}");
+    }
+    assert!(!threads.iter().any(|t| t == "keygate-w3"), "{threads:?}");
 
     let slow: Vec<_> = (0..3)
         .map(|_| {

@@ -159,14 +159,15 @@ impl Acceptor for Tls {
 }
 
 /// Serves `listener` until `shutdown` turns true, then drains for at most the drain timeout.
+/// `semaphore` holds the connection cap (shared by every worker's listener).
 pub async fn serve<A: Acceptor>(
     listener: TcpListener,
     acceptor: Arc<A>,
     proxy: Arc<Proxy>,
     limits: Limits,
+    semaphore: Arc<Semaphore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let semaphore = Arc::new(Semaphore::new(limits.max_connections));
     let live = Arc::new(Live::default());
     let builder = Arc::new(builder(&limits));
     let metrics = proxy.gate.metrics().clone();
