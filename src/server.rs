@@ -264,7 +264,12 @@ impl Server {
             .store(load_admin_token(&config).map(Arc::new));
         self.gate.reload(Arc::new(config));
         self.proxy.reloaded();
-        for p in self.workers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for p in self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             p.reloaded();
         }
     }
@@ -368,8 +373,14 @@ impl Server {
             }
         }
         self.ready.store(true, Ordering::Release);
-        self.serve_on(first, self.proxy.clone(), limits, semaphore, shutdown.clone())
-            .await;
+        self.serve_on(
+            first,
+            self.proxy.clone(),
+            limits,
+            semaphore,
+            shutdown.clone(),
+        )
+        .await;
         for done in others {
             let _ = done.await;
         }
@@ -394,7 +405,17 @@ impl Server {
     ) {
         match &self.tls {
             Some(tls) => serve(listener, tls.clone(), proxy, limits, semaphore, shutdown).await,
-            None => serve(listener, Arc::new(Plain), proxy, limits, semaphore, shutdown).await,
+            None => {
+                serve(
+                    listener,
+                    Arc::new(Plain),
+                    proxy,
+                    limits,
+                    semaphore,
+                    shutdown,
+                )
+                .await
+            }
         }
     }
 
@@ -415,8 +436,12 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .push(proxy.clone());
         let (done_tx, done) = tokio::sync::oneshot::channel();
-        let (this, limits, semaphore, shutdown) =
-            (self.clone(), limits.clone(), semaphore.clone(), shutdown.clone());
+        let (this, limits, semaphore, shutdown) = (
+            self.clone(),
+            limits.clone(),
+            semaphore.clone(),
+            shutdown.clone(),
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
