@@ -4,12 +4,12 @@
 //! takes its time from a [`Clock`], so tests drive time by hand instead of sleeping. The clock is
 //! also governor's clock: limiters built on it see the same manual time as the rest of the gate.
 //!
-//! The system clock is *coarse*: a background thread stores monotonic time into an atomic every
-//! millisecond and decisions read that atomic. Reading it costs one load of a line every core
-//! shares read-only, instead of two `clock_gettime` calls per request; a millisecond is far
-//! below anything a plan limit, a heartbeat window or an expiry can tell apart. Wall time is the
-//! wall clock at start plus monotonic time, so it never steps (NTP slews are ignored until
-//! restart, by at most the drift over the process's life).
+//! The system clock reads the monotonic clock (`clock_gettime` through the vDSO, no system
+//! call) and derives wall time from the wall clock at start plus monotonic time, so it never
+//! steps (NTP slews are ignored until restart, by at most the drift over the process's life).
+//! An earlier design kept a coarse time in an atomic, stored by a thread every millisecond: it
+//! saved a few tens of nanoseconds per read, but woke the process a thousand times a second
+//! even when idle and cost more CPU per request than the reads at moderate load (BENCHMARKS.md).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -41,42 +41,24 @@ enum Inner {
     },
 }
 
-/// The process-wide coarse clock behind every system [`Clock`].
-struct Coarse {
+/// The process-wide base of every system [`Clock`].
+struct Base {
     start: Instant,
     start_wall_ms: i64,
-    mono_ns: AtomicU64,
 }
 
-const TICK: Duration = Duration::from_millis(1);
-
-fn coarse() -> &'static Coarse {
-    static COARSE: OnceLock<&'static Coarse> = OnceLock::new();
-    COARSE.get_or_init(|| {
-        let c: &'static Coarse = Box::leak(Box::new(Coarse {
-            start: Instant::now(),
-            start_wall_ms: wall_now_ms(),
-            mono_ns: AtomicU64::new(0),
-        }));
-        let spawned = std::thread::Builder::new()
-            .name("keygate-clock".into())
-            .spawn(move || loop {
-                std::thread::sleep(TICK);
-                c.mono_ns
-                    .store(c.start.elapsed().as_nanos() as u64, Ordering::Release);
-            });
-        if let Err(e) = spawned {
-            // Without the ticker time would stand still: fail loudly at start, not silently later.
-            panic!("cannot start the clock thread: {e}");
-        }
-        c
+fn base() -> &'static Base {
+    static BASE: OnceLock<Base> = OnceLock::new();
+    BASE.get_or_init(|| Base {
+        start: Instant::now(),
+        start_wall_ms: wall_now_ms(),
     })
 }
 
 impl Clock {
     /// The system clock.
     pub fn system() -> Self {
-        coarse();
+        base();
         Clock(Arc::new(Inner::System))
     }
 
@@ -94,10 +76,9 @@ impl Clock {
     pub fn now(&self) -> Now {
         match &*self.0 {
             Inner::System => {
-                let c = coarse();
+                let b = base();
                 Now {
-                    wall_ms: c.start_wall_ms
-                        + (c.mono_ns.load(Ordering::Acquire) / 1_000_000) as i64,
+                    wall_ms: b.start_wall_ms + b.start.elapsed().as_millis() as i64,
                 }
             }
             Inner::Manual { wall_ms, .. } => Now {
@@ -110,7 +91,7 @@ impl Clock {
     #[inline]
     pub fn monotonic(&self) -> Duration {
         match &*self.0 {
-            Inner::System => Duration::from_nanos(coarse().mono_ns.load(Ordering::Acquire)),
+            Inner::System => base().start.elapsed(),
             Inner::Manual { mono_ns, .. } => Duration::from_nanos(mono_ns.load(Ordering::Acquire)),
         }
     }
@@ -179,11 +160,16 @@ mod tests {
         let real = wall_now_ms();
         assert!((c.now().wall_ms - real).abs() < 5_000);
         let m0 = c.monotonic();
-        // The ticker moves the clock; bounded wait for it (no fixed sleep decides the result).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while c.monotonic() == m0 {
-            assert!(Instant::now() < deadline, "the coarse clock does not tick");
-            std::thread::yield_now();
+        let real = Instant::now();
+        while real.elapsed() < Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        assert!(c.monotonic() >= m0 + Duration::from_millis(2));
+        // No thread of its own: an idle gateway is not woken to keep time.
+        let threads = std::fs::read_dir("/proc/self/task").unwrap();
+        for t in threads {
+            let comm = std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap();
+            assert_ne!(comm.trim(), "keygate-clock");
         }
     }
 }
