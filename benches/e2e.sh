@@ -7,7 +7,8 @@
 # Scenarios, each printing requests/s, p50/p99/p99.9 and non-2xx per system, then ratios:
 #   valid    every request carries one of the 1,000 keys (round robin)
 #   invalid  every request carries the same unknown key, then a new random one each time
-#   limited  plans small enough that about half the requests get 429 (same limit for all three)
+#   limited  plans small enough that about half the requests get 429 (same limit for all three),
+#            then one team's key only (nearly all 429: the over-limit flood)
 #   cpu      a fixed offered rate; CPU microseconds per request of keygate, nginx and HAProxy
 #
 #   bash benches/e2e.sh        env: WORKERS (1), ROUNDS (2), DUR seconds (8), CONN (64),
@@ -102,6 +103,10 @@ EOF
 cat "$W/report.lua" - > "$W/repeated.lua" <<'EOF'
 wrk.headers["x-api-key"] = "sk_live_benchkey_9999999999999999999999"
 EOF
+# One team's key only: with the limited plan nearly every request is a 429.
+cat "$W/report.lua" - > "$W/overlimit.lua" <<'EOF'
+wrk.headers["x-api-key"] = "sk_live_benchkey_0000000000000000000000"
+EOF
 cat "$W/report.lua" - > "$W/random.lua" <<'EOF'
 math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
 function request()
@@ -162,7 +167,7 @@ for s in $SCENARIOS; do
       echo "limited: $rate requests per team per second (burst $rate)"
       start_all "$rate"
       for _ in $(seq "$ROUNDS"); do
-        for sys in nginx haproxy keygate; do bench limited $sys valid; done
+        for sys in nginx haproxy keygate; do bench limited $sys valid; bench over-limit $sys overlimit; done
       done
       start_all none ;;
     cpu)
@@ -187,6 +192,6 @@ awk '{split($4,a,"="); m[$2" "$3]=a[2]} END {
   v = m["valid keygate"]
   if (m["valid direct"]) printf "valid: keygate/direct=%.2f keygate/nginx=%.2f keygate/haproxy=%.2f nginx/direct=%.2f haproxy/direct=%.2f keygate/keygate-open=%.2f\n", v/m["valid direct"], v/m["valid nginx"], v/m["valid haproxy"], m["valid nginx"]/m["valid direct"], m["valid haproxy"]/m["valid direct"], v/m["valid open"]
   if (m["invalid-repeated keygate"]) printf "invalid: keygate repeated/valid=%.2f random/valid=%.2f random/repeated=%.2f; nginx repeated/valid=%.2f; haproxy repeated/valid=%.2f\n", m["invalid-repeated keygate"]/v, m["invalid-random keygate"]/v, m["invalid-random keygate"]/m["invalid-repeated keygate"], m["invalid-repeated nginx"]/m["valid nginx"], m["invalid-repeated haproxy"]/m["valid haproxy"]
-  if (m["limited keygate"]) printf "limited: keygate/nginx=%.2f keygate/haproxy=%.2f keygate limited/valid=%.2f\n", m["limited keygate"]/m["limited nginx"], m["limited keygate"]/m["limited haproxy"], m["limited keygate"]/v
+  if (m["limited keygate"]) printf "limited: keygate/nginx=%.2f keygate/haproxy=%.2f keygate limited/valid=%.2f; all over the limit (429s): keygate over-limit/valid=%.2f, nginx %.2f, haproxy %.2f\n", m["limited keygate"]/m["limited nginx"], m["limited keygate"]/m["limited haproxy"], m["limited keygate"]/v, m["over-limit keygate"]/v, m["over-limit nginx"]/m["valid nginx"], m["over-limit haproxy"]/m["valid haproxy"]
 }' $D/medians
 grep '^cpu ' $D/results || true

@@ -457,13 +457,10 @@ impl Proxy {
                 h.insert(header::ALLOW, snap.routes.allow(group).clone());
             }
             Denial::RateLimited(info) => {
-                h.insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(info.retry_after_secs),
-                );
+                h.insert(header::RETRY_AFTER, values::int(info.retry_after_secs));
             }
             Denial::TooManyFailedAuth { retry_after_secs } => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                h.insert(header::RETRY_AFTER, values::int(retry_after_secs));
             }
             _ => {}
         }
