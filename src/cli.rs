@@ -396,9 +396,7 @@ fn init_logging(config: &Config) {
 /// The main runtime: single-threaded. It serves the first worker, the admin API and the
 /// background work; the other workers get runtimes of their own ([`Server::run_workers`]).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    crate::server::worker_runtime()
 }
 
 fn run(config: Config, path: Option<PathBuf>, demo: bool) -> ExitCode {

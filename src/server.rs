@@ -442,9 +442,7 @@ impl Server {
             semaphore.clone(),
             shutdown.clone(),
         );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let rt = worker_runtime()?;
         std::thread::Builder::new()
             .name(format!("keygate-w{n}"))
             .spawn(move || {
@@ -510,6 +508,16 @@ impl Server {
             }
         }
     }
+}
+
+/// A worker's runtime: single-threaded, with a blocking pool for store lookups. The store
+/// serves one lookup at a time, so threads beyond a few only wait on its lock; the bound keeps
+/// a key-spraying client from growing hundreds of them per worker (tokio's default is 512).
+pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()
 }
 
 /// The worker count `proxy.workers` asks for (0: one per core).
