@@ -330,7 +330,7 @@ fn one_store_load_per_digest_under_a_miss_storm() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
-                gate.load(&d).map(|e| e.key_id.to_string())
+                gate.load(&d).map(|e| e.key_id().to_string())
             })
         })
         .collect();
