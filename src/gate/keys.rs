@@ -44,7 +44,7 @@ use http::HeaderValue;
 use sha2::{Digest as _, Sha256};
 
 use super::heartbeat::Beat;
-use super::limits::{Bucket, LimitSet};
+use super::limits::{Bucket, Buckets, LimitSet};
 use crate::clock::UnixMillis;
 use crate::config::CacheConfig;
 
@@ -63,7 +63,7 @@ pub struct TeamEntry {
     pub plan: Arc<str>,
     pub limits: Arc<LimitSet>,
     /// The team's buckets when limits are keyed by team (shared by all its keys), else empty.
-    pub buckets: Box<[Arc<Bucket>]>,
+    pub buckets: Buckets,
     pub beat: Arc<Beat>,
     pub heartbeat_required: bool,
     /// `x-keygate-team`, rendered once for the life of the process ([`Names`]).
@@ -99,7 +99,7 @@ struct Extras {
     expires_at: Option<UnixMillis>,
     revoked: bool,
     /// The key's own buckets when limits are keyed by key.
-    buckets: Box<[Arc<Bucket>]>,
+    buckets: Buckets,
 }
 
 impl std::fmt::Debug for KeyEntry {
@@ -115,7 +115,7 @@ impl KeyEntry {
     /// `buckets`: the key's own, when limits are keyed by key (else the team's are used).
     pub fn new(
         team: Arc<TeamEntry>,
-        buckets: Box<[Arc<Bucket>]>,
+        buckets: Buckets,
         usage: &'static KeyUsage,
         scopes: &[String],
         environment: Option<&str>,
@@ -568,11 +568,8 @@ fn index_hash(d: &Digest) -> u64 {
 }
 
 impl Shard {
-    /// The index is made for the whole capacity (up to 65,536) at once: it never grows, so it
-    /// leaves no freed copies behind; its cells cost 5 bytes each, resident once used.
     fn new(capacity: usize) -> Shard {
         Shard {
-            index: HashTable::with_capacity(capacity.min(1 << 16)),
             slots: Slots::new(capacity),
             ..Shard::default()
         }

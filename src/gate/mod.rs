@@ -50,7 +50,7 @@ use crate::store::{KeyStore, StoreError, StoredKey, StoredTeam};
 use credential::{CredentialRules, Found};
 use heartbeat::Heartbeats;
 use keys::{Cached, KeyCache, LoadError, Names, UsageRegistry};
-use limits::{LimitSet, LimiterRegistry};
+use limits::{Buckets, LimitSet, LimiterRegistry};
 use route::{Miss, RouteTable};
 
 /// The parts of a request the gate looks at.
@@ -551,7 +551,7 @@ impl Gate {
             .get(&k.key_id, k.use_count)
             .ok_or(LoadError::Unknown)?;
         let buckets = match snap.config.limits.key_by {
-            LimitKey::Team => Box::default(),
+            LimitKey::Team => Buckets::None,
             LimitKey::Key => self
                 .limiters
                 .buckets(&team.limits, &k.key_id.as_str().into()),
@@ -661,7 +661,7 @@ fn make_team(
         plan_header: r.names.header(&plan)?,
         buckets: match key_by {
             LimitKey::Team => r.limiters.buckets(&limits, &id),
-            LimitKey::Key => Box::default(),
+            LimitKey::Key => Buckets::None,
         },
         plan,
         beat: r.heartbeats.beat(&id, required),

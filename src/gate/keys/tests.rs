@@ -39,7 +39,7 @@ impl Keys {
                 id: "t".into(),
                 plan: "p".into(),
                 limits: limiters.set("p", &[]),
-                buckets: Box::default(),
+                buckets: Buckets::None,
                 beat: Heartbeats::default().beat("t", false),
                 heartbeat_required: false,
                 team_header: names.header("t").unwrap(),
@@ -52,7 +52,7 @@ impl Keys {
         let usage = self.usage.get(id, 0).unwrap();
         Arc::new(KeyEntry::new(
             self.team.clone(),
-            Box::default(),
+            Buckets::None,
             usage,
             &[],
             None,
