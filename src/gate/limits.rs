@@ -1,15 +1,18 @@
 //! Plan limits: governor GCRA buckets, one per (quota, team or key).
 //!
 //! Each bucket is a governor *direct* limiter owned by the [`LimiterRegistry`], found by
-//! (quota, key) on a cache miss and then held by the cached key entry, so the per-request check
-//! is one compare-and-swap on that bucket's own atomic. (The first design used one governor
+//! (quota, key) when a team is resolved (limits keyed by team: the team entry holds them, for
+//! all its keys) or a key is loaded (keyed by key: the key's entry holds them), so the
+//! per-request check is one compare-and-swap on that bucket's own atomic. (The first design used one governor
 //! keyed limiter per quota; its DashMap shard locks were shared between threads on every check
 //! and the hot path stopped scaling with cores — see BENCHMARKS.md.)
 //!
 //! The registry lives outside config snapshots and the key cache: a reload that keeps a quota
 //! keeps its buckets, and a cache eviction never hands a team a fresh bucket. [`LimiterRegistry::prune`]
-//! drops a bucket only when no cached entry holds it and it has been idle long enough to have
-//! refilled completely — so dropping it changes nothing a client could observe.
+//! drops a bucket only when no entry holds it (a declared team's entry, in the snapshot, always
+//! does; a store team's, while a cached key or the gate's team table has it) and it has been
+//! idle long enough to have refilled completely — so dropping it changes nothing a client could
+//! observe.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
