@@ -293,7 +293,7 @@ fn request(gate: &Gate, clock: &Clock, r: &Request) {
                 "a grant carries a key exactly when the route is not public"
             );
             if let Some(key) = &grant.key {
-                assert_eq!(&*key.key_id, "demo-key", "granted to an unknown key");
+                assert_eq!(key.key_id(), "demo-key", "granted to an unknown key");
                 assert_eq!(&*key.team.id, "demo");
                 let sent: Vec<&[u8]> = headers
                     .get_all(&X_API_KEY)

@@ -1,15 +1,18 @@
 //! Plan limits: governor GCRA buckets, one per (quota, team or key).
 //!
 //! Each bucket is a governor *direct* limiter owned by the [`LimiterRegistry`], found by
-//! (quota, key) on a cache miss and then held by the cached key entry, so the per-request check
-//! is one compare-and-swap on that bucket's own atomic. (The first design used one governor
+//! (quota, key) when a team is resolved (limits keyed by team: the team entry holds them, for
+//! all its keys) or a key is loaded (keyed by key: the key's entry holds them), so the
+//! per-request check is one compare-and-swap on that bucket's own atomic. (The first design used one governor
 //! keyed limiter per quota; its DashMap shard locks were shared between threads on every check
 //! and the hot path stopped scaling with cores — see BENCHMARKS.md.)
 //!
 //! The registry lives outside config snapshots and the key cache: a reload that keeps a quota
 //! keeps its buckets, and a cache eviction never hands a team a fresh bucket. [`LimiterRegistry::prune`]
-//! drops a bucket only when no cached entry holds it and it has been idle long enough to have
-//! refilled completely — so dropping it changes nothing a client could observe.
+//! drops a bucket only when no entry holds it (a declared team's entry, in the snapshot, always
+//! does; a store team's, while a cached key or the gate's team table has it) and it has been
+//! idle long enough to have refilled completely — so dropping it changes nothing a client could
+//! observe.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -65,9 +68,10 @@ impl LimiterRegistry {
     }
 
     /// The buckets of `key` under `set`'s limits, made on first use.
-    pub fn buckets(&self, set: &LimitSet, key: &Arc<str>) -> Box<[Arc<Bucket>]> {
+    pub fn buckets(&self, set: &LimitSet, key: &Arc<str>) -> Buckets {
         let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        set.specs
+        let all: Vec<Arc<Bucket>> = set
+            .specs
             .iter()
             .map(|spec| {
                 map.entry((*spec, key.clone()))
@@ -85,7 +89,8 @@ impl LimiterRegistry {
                     })
                     .clone()
             })
-            .collect()
+            .collect();
+        Buckets::from(all)
     }
 
     /// A named set of limits (a plan, or a team's custom limits).
@@ -137,6 +142,39 @@ impl LimiterRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The buckets a key is checked against. One bucket (a plan with one limit, the common case)
+/// is held inline: a request then follows one pointer fewer to reach it.
+#[derive(Debug, Default)]
+pub enum Buckets {
+    #[default]
+    None,
+    One(Arc<Bucket>),
+    Many(Box<[Arc<Bucket>]>),
+}
+
+impl From<Vec<Arc<Bucket>>> for Buckets {
+    fn from(mut all: Vec<Arc<Bucket>>) -> Buckets {
+        match all.len() {
+            0 => Buckets::None,
+            1 => all.pop().map_or(Buckets::None, Buckets::One),
+            _ => Buckets::Many(all.into_boxed_slice()),
+        }
+    }
+}
+
+impl std::ops::Deref for Buckets {
+    type Target = [Arc<Bucket>];
+
+    #[inline]
+    fn deref(&self) -> &[Arc<Bucket>] {
+        match self {
+            Buckets::None => &[],
+            Buckets::One(b) => std::slice::from_ref(b),
+            Buckets::Many(all) => all,
+        }
     }
 }
 

@@ -30,14 +30,15 @@ mod tests;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, Method};
 
 pub use denial::{Denial, ErrorBodies, RateInfo};
 pub use keys::{Digest, KeyEntry, TeamEntry};
@@ -48,8 +49,8 @@ use crate::metrics::{Metrics, Striped};
 use crate::store::{KeyStore, StoreError, StoredKey, StoredTeam};
 use credential::{CredentialRules, Found};
 use heartbeat::Heartbeats;
-use keys::{Cached, KeyCache, LoadError, UsageRegistry};
-use limits::{LimitSet, LimiterRegistry};
+use keys::{Cached, KeyCache, LoadError, Names, UsageRegistry};
+use limits::{Buckets, LimitSet, LimiterRegistry};
 use route::{Miss, RouteTable};
 
 /// The parts of a request the gate looks at.
@@ -178,14 +179,34 @@ fn ceil_secs(d: std::time::Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
+/// Teams resolved since the last reload or `invalidate_all` (`epoch`): one entry per team,
+/// shared by all its cached keys, whose team's bucket list it carries when limits are keyed by
+/// team.
+#[derive(Default)]
+struct Teams {
+    epoch: u64,
+    by_id: hashbrown::HashTable<Arc<TeamEntry>>,
+    hasher: ahash::RandomState,
+}
+
+impl Teams {
+    fn get(&self, id: &str) -> Option<&Arc<TeamEntry>> {
+        self.by_id.find(self.hasher.hash_one(id), |t| &*t.id == id)
+    }
+}
+
 /// The gate: the current snapshot plus the state that outlives snapshots.
 pub struct Gate {
     snapshot: ArcSwap<Snapshot>,
     cache: KeyCache,
+    teams: Mutex<Teams>,
+    /// Moved by reload and `invalidate_all`: team resolutions made before do not apply.
+    epoch: AtomicU64,
     store: Arc<dyn KeyStore>,
     pub limiters: LimiterRegistry,
     pub heartbeats: Heartbeats,
     pub usage: UsageRegistry,
+    names: Names,
     failed_auth: Option<FailedAuth>,
     clock: Clock,
     metrics: Metrics,
@@ -222,14 +243,26 @@ impl Gate {
                     .build_with_hasher(ahash::RandomState::new()),
             });
         let cache = KeyCache::new(&config.cache);
-        let snap = build_snapshot(config, &limiters, &heartbeats, &metrics);
+        let names = Names::default();
+        let snap = build_snapshot(
+            config,
+            Registries {
+                limiters: &limiters,
+                heartbeats: &heartbeats,
+                names: &names,
+            },
+            &metrics,
+        );
         Gate {
             snapshot: ArcSwap::from_pointee(snap),
             cache,
+            teams: Mutex::new(Teams::default()),
+            epoch: AtomicU64::new(0),
             store,
             limiters,
             heartbeats,
             usage: UsageRegistry::default(),
+            names,
             failed_auth,
             clock,
             metrics,
@@ -253,9 +286,9 @@ impl Gate {
     /// Swaps in a new validated config. Buckets of unchanged quotas, heartbeats and usage are
     /// kept; cached keys are dropped so they are re-resolved against the new plans and teams.
     pub fn reload(&self, config: Arc<Config>) {
-        let snap = build_snapshot(config, &self.limiters, &self.heartbeats, &self.metrics);
+        let snap = build_snapshot(config, self.registries(), &self.metrics);
         self.snapshot.store(Arc::new(snap));
-        self.cache.invalidate_all();
+        self.invalidate_all();
     }
 
     /// Forgets a cached key at once (revocation).
@@ -263,18 +296,52 @@ impl Gate {
         self.cache.invalidate(d);
     }
 
-    /// Forgets every cached key (a team's plan changed, keys rotated in bulk).
+    /// Forgets every cached key and resolved team (a team's plan changed, keys rotated in bulk).
     pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let gone = std::mem::take(
+            &mut self
+                .teams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .by_id,
+        );
+        drop(gone);
         self.cache.invalidate_all();
     }
 
-    /// Drops idle rate-limit buckets and failed-authentication records; returns buckets kept.
+    /// Drops expired cache entries, teams no cached key refers to any more, idle rate-limit
+    /// buckets and failed-authentication records; returns buckets kept.
     pub fn prune(&self) -> usize {
         if let Some(f) = &self.failed_auth {
             f.budget.retain_recent();
             f.budget.shrink_to_fit();
         }
+        self.cache
+            .prune_expired(self.clock.monotonic().as_nanos() as u64);
+        let snap = self.snapshot.load();
+        let mut teams = self.teams.lock().unwrap_or_else(PoisonError::into_inner);
+        teams.by_id.retain(|team| {
+            // Held by the table, and by the snapshot for a declared team; more is a key.
+            let declared = snap
+                .teams
+                .get(&*team.id)
+                .is_some_and(|t| Arc::ptr_eq(t, team));
+            Arc::strong_count(team) > 1 + usize::from(declared)
+        });
+        let Teams { by_id, hasher, .. } = &mut *teams;
+        by_id.shrink_to_fit(|t| hasher.hash_one(&*t.id));
+        drop(teams);
         self.limiters.prune()
+    }
+
+    /// Teams resolved and shared by cached keys.
+    pub fn teams_held(&self) -> usize {
+        self.teams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_id
+            .len()
     }
 
     /// Positive and negative cache entry counts.
@@ -363,8 +430,7 @@ impl Gate {
         }
         if !route.environments.is_empty()
             && !entry
-                .environment
-                .as_deref()
+                .environment()
                 .is_some_and(|e| route.environments.iter().any(|r| r == e))
         {
             return Check::denied(Denial::AccessDenied, Some(entry), Some(matched.index));
@@ -384,7 +450,7 @@ impl Gate {
         }
         // 6. limits
         let rate = if route.rate_limited {
-            match limits::check(&entry.buckets, &self.clock) {
+            match limits::check(entry.buckets(), &self.clock) {
                 Ok(info) => info,
                 Err(info) => {
                     return Check::denied(
@@ -449,9 +515,11 @@ impl Gate {
     pub fn load(&self, d: &Digest) -> Result<Arc<KeyEntry>, LoadError> {
         let now_ns = self.clock.monotonic().as_nanos() as u64;
         self.cache.load(d, now_ns, || {
+            // Read before the snapshot: a reload after this point makes the team not memoized.
+            let epoch = self.epoch.load(Ordering::SeqCst);
             let snap = self.snapshot.load();
             if let Some(k) = snap.declared.get(d) {
-                return self.entry(&snap, &k.stored);
+                return self.entry(&snap, &k.stored, epoch);
             }
             self.metrics.store_lookups.inc();
             let stored = self
@@ -459,7 +527,7 @@ impl Gate {
                 .find_key(d)
                 .map_err(|e| self.store_error(e))?
                 .ok_or(LoadError::Unknown)?;
-            self.entry(&snap, &stored)
+            self.entry(&snap, &stored, epoch)
         })
     }
 
@@ -470,50 +538,100 @@ impl Gate {
     }
 
     /// Builds the cache entry of a stored key against the current snapshot.
-    fn entry(&self, snap: &Snapshot, k: &StoredKey) -> Result<Arc<KeyEntry>, LoadError> {
-        let team = match snap.teams.get(&k.team_id) {
-            Some(t) => t.clone(),
-            None => {
-                let stored = self
-                    .store
-                    .find_team(&k.team_id)
-                    .map_err(|e| self.store_error(e))?
-                    .ok_or(LoadError::Unknown)?;
-                self.team_entry(snap, &stored).ok_or(LoadError::Unknown)?
-            }
+    fn entry(
+        &self,
+        snap: &Snapshot,
+        k: &StoredKey,
+        epoch: u64,
+    ) -> Result<Arc<KeyEntry>, LoadError> {
+        let team = self.team(snap, &k.team_id, epoch)?;
+        // Refuses ids that cannot be a header value before anything is kept for them.
+        let usage = self
+            .usage
+            .get(&k.key_id, k.use_count)
+            .ok_or(LoadError::Unknown)?;
+        let buckets = match snap.config.limits.key_by {
+            LimitKey::Team => Buckets::None,
+            LimitKey::Key => self
+                .limiters
+                .buckets(&team.limits, &k.key_id.as_str().into()),
         };
-        let key_id: Arc<str> = k.key_id.as_str().into();
-        let limiter_key = match snap.config.limits.key_by {
-            LimitKey::Team => team.id.clone(),
-            LimitKey::Key => key_id.clone(),
-        };
-        Ok(Arc::new(KeyEntry {
-            buckets: self.limiters.buckets(&team.limits, &limiter_key),
-            key_id_header: HeaderValue::from_str(&k.key_id).map_err(|_| LoadError::Unknown)?,
-            usage: self.usage.get(&k.key_id, k.use_count),
-            key_id,
+        Ok(Arc::new(KeyEntry::new(
             team,
-            scopes: k.scopes.iter().map(|s| s.as_str().into()).collect(),
-            environment: k.environment.as_deref().map(Into::into),
-            expires_at: k.expires_at,
-            revoked: k.revoked_at.is_some(),
-            checked_ns: std::sync::atomic::AtomicU64::new(0),
-        }))
+            buckets,
+            usage,
+            &k.scopes,
+            k.environment.as_deref(),
+            k.expires_at,
+            k.revoked_at.is_some(),
+        )))
+    }
+
+    /// A key's team, resolved once and shared by all its cached keys: from the snapshot if
+    /// declared, else from the store.
+    fn team(&self, snap: &Snapshot, id: &str, epoch: u64) -> Result<Arc<TeamEntry>, LoadError> {
+        if let Some(t) = snap.teams.get(id) {
+            return Ok(t.clone());
+        }
+        {
+            let mut teams = self.teams.lock().unwrap_or_else(PoisonError::into_inner);
+            if teams.epoch < epoch {
+                // Resolved under another config or before a team changed: not reusable.
+                teams.epoch = epoch;
+                teams.by_id.clear();
+            }
+            if teams.epoch == epoch {
+                if let Some(t) = teams.get(id) {
+                    return Ok(t.clone());
+                }
+            }
+        }
+        let stored = self
+            .store
+            .find_team(id)
+            .map_err(|e| self.store_error(e))?
+            .ok_or(LoadError::Unknown)?;
+        let team = self.team_entry(snap, &stored).ok_or(LoadError::Unknown)?;
+        let mut teams = self.teams.lock().unwrap_or_else(PoisonError::into_inner);
+        if teams.epoch != epoch || self.epoch.load(Ordering::SeqCst) != epoch {
+            return Ok(team);
+        }
+        // A key of the same team may have been loaded meanwhile: its entry wins.
+        if let Some(t) = teams.get(id) {
+            return Ok(t.clone());
+        }
+        let Teams { by_id, hasher, .. } = &mut *teams;
+        by_id.insert_unique(hasher.hash_one(&*team.id), team.clone(), |t| {
+            hasher.hash_one(&*t.id)
+        });
+        Ok(team)
+    }
+
+    fn registries(&self) -> Registries<'_> {
+        Registries {
+            limiters: &self.limiters,
+            heartbeats: &self.heartbeats,
+            names: &self.names,
+        }
     }
 
     /// A team from the store, resolved against the snapshot's plans.
     pub fn team_entry(&self, snap: &Snapshot, t: &StoredTeam) -> Option<Arc<TeamEntry>> {
-        let (plan, limits) = match &t.plan {
-            Some(p) => (p.clone(), snap.plans.get(p)?.clone()),
-            None => (
-                "custom".to_owned(),
-                self.limiters.set(&format!("{}-custom", t.id), &t.limits),
-            ),
+        let limits = match &t.plan {
+            Some(p) => snap.plans.get(p)?.clone(),
+            None => self.limiters.set(&format!("{}-custom", t.id), &t.limits),
         };
         let required = t
             .heartbeat_required
             .unwrap_or(snap.config.heartbeat.required);
-        make_team(&t.id, &plan, limits, required, &self.heartbeats)
+        make_team(
+            &t.id,
+            t.plan.is_some(),
+            limits,
+            required,
+            snap.config.limits.key_by,
+            self.registries(),
+        )
     }
 
     /// Seconds of heartbeat age for a team, if it has one.
@@ -522,30 +640,47 @@ impl Gate {
     }
 }
 
+/// A team on a named plan (`limits` is the plan's, named after it) or on limits of its own
+/// (plan "custom").
 fn make_team(
     id: &str,
-    plan: &str,
+    named_plan: bool,
     limits: Arc<LimitSet>,
     required: bool,
-    heartbeats: &Heartbeats,
+    key_by: LimitKey,
+    r: Registries<'_>,
 ) -> Option<Arc<TeamEntry>> {
+    let plan: Arc<str> = if named_plan {
+        limits.name.clone()
+    } else {
+        "custom".into()
+    };
+    let id: Arc<str> = id.into();
     Some(Arc::new(TeamEntry {
-        id: id.into(),
-        plan: plan.into(),
-        team_header: HeaderValue::from_str(id).ok()?,
-        plan_header: HeaderValue::from_str(plan).ok()?,
-        beat: heartbeats.beat(id, required),
+        team_header: r.names.header(&id)?,
+        plan_header: r.names.header(&plan)?,
+        buckets: match key_by {
+            LimitKey::Team => r.limiters.buckets(&limits, &id),
+            LimitKey::Key => Buckets::None,
+        },
+        plan,
+        beat: r.heartbeats.beat(&id, required),
+        id,
         heartbeat_required: required,
         limits,
     }))
 }
 
-fn build_snapshot(
-    config: Arc<Config>,
-    limiters: &LimiterRegistry,
-    heartbeats: &Heartbeats,
-    metrics: &Metrics,
-) -> Snapshot {
+/// The registries a team entry draws from.
+#[derive(Clone, Copy)]
+struct Registries<'a> {
+    limiters: &'a LimiterRegistry,
+    heartbeats: &'a Heartbeats,
+    names: &'a Names,
+}
+
+fn build_snapshot(config: Arc<Config>, r: Registries<'_>, metrics: &Metrics) -> Snapshot {
+    let limiters = r.limiters;
     let plans: HashMap<String, Arc<LimitSet>> = config
         .plans
         .iter()
@@ -554,18 +689,15 @@ fn build_snapshot(
     let mut teams = HashMap::new();
     let mut declared = HashMap::new();
     for t in &config.teams {
-        let (plan, limits) = match &t.plan {
+        let (named, limits) = match &t.plan {
             TeamPlan::Named(p) => match plans.get(p) {
-                Some(l) => (p.clone(), l.clone()),
+                Some(l) => (true, l.clone()),
                 None => continue, // refused by validation
             },
-            TeamPlan::Custom(specs) => (
-                "custom".to_owned(),
-                limiters.set(&format!("{}-custom", t.id), specs),
-            ),
+            TeamPlan::Custom(specs) => (false, limiters.set(&format!("{}-custom", t.id), specs)),
         };
         let required = t.heartbeat_required.unwrap_or(config.heartbeat.required);
-        let Some(team) = make_team(&t.id, &plan, limits, required, heartbeats) else {
+        let Some(team) = make_team(&t.id, named, limits, required, config.limits.key_by, r) else {
             continue;
         };
         teams.insert(t.id.clone(), team);

@@ -330,7 +330,7 @@ fn one_store_load_per_digest_under_a_miss_storm() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 barrier.wait();
-                gate.load(&d).map(|e| e.key_id.to_string())
+                gate.load(&d).map(|e| e.key_id().to_string())
             })
         })
         .collect();
@@ -569,4 +569,34 @@ fn only_in_memory_stores_load_on_the_async_worker() {
         Metrics::standalone(),
     );
     assert!(declared_only.loads_inline());
+}
+
+#[test]
+fn a_store_teams_keys_share_one_team_entry_which_prune_drops_once_unheld() {
+    let f = fixture("");
+    let (a, _) = f.issue("acme", &[], None);
+    let (b, _) = f.issue("acme", &[], None);
+    let ka = f.check(Method::GET, "/x", Some(&a)).unwrap().key.unwrap();
+    let kb = f.check(Method::GET, "/x", Some(&b)).unwrap().key.unwrap();
+    assert!(
+        Arc::ptr_eq(&ka.team, &kb.team),
+        "one team entry for both keys"
+    );
+    assert!(
+        Arc::ptr_eq(&ka.buckets()[0], &kb.buckets()[0]),
+        "and one bucket list"
+    );
+    assert_eq!(f.gate.teams_held(), 1);
+    // A changed team must not be served from the table: invalidate_all forgets it.
+    f.gate.invalidate_all();
+    assert_eq!(f.gate.teams_held(), 0);
+    let again = f.check(Method::GET, "/x", Some(&a)).unwrap().key.unwrap();
+    assert!(!Arc::ptr_eq(&again.team, &ka.team), "resolved anew");
+    f.gate.prune();
+    assert_eq!(f.gate.teams_held(), 1, "held by a cached key: kept");
+    // Once no cached key (or request) holds it, prune drops it.
+    f.gate.invalidate(&keys::digest(a.as_bytes()));
+    drop((ka, kb, again));
+    f.gate.prune();
+    assert_eq!(f.gate.teams_held(), 0);
 }

@@ -490,7 +490,7 @@ impl Proxy {
             .map(|s| serde_json::json!({ "requests": s.requests, "per_seconds": s.per.as_secs_f64(), "burst": s.burst }))
             .collect();
         let body = serde_json::json!({
-            "key_id": &*k.key_id,
+            "key_id": k.key_id(),
             "team": &*k.team.id,
             "plan": &*k.team.plan,
             "limits": limits,
@@ -498,7 +498,7 @@ impl Proxy {
             "reset_seconds": grant.rate.map(|r| r.reset_secs),
             "heartbeat_age_seconds": self.gate.heartbeat_age(&k.team.id, now.wall_ms),
             "heartbeat_required": k.team.heartbeat_required,
-            "key_expires_at": k.expires_at.map(millis_to_rfc3339),
+            "key_expires_at": k.expires_at().map(millis_to_rfc3339),
             "requests": usage.total(),
             "last_used_at": usage.last_used().map(millis_to_rfc3339),
         });
