@@ -510,13 +510,16 @@ impl Server {
     }
 }
 
-/// A worker's runtime: single-threaded, with a blocking pool for store lookups. The store
-/// serves one lookup at a time, so threads beyond a few only wait on its lock; the bound keeps
-/// a key-spraying client from growing hundreds of them per worker (tokio's default is 512).
+/// A worker's runtime: single-threaded, with a blocking pool of two threads for store work.
+/// The store serves one operation at a time (one SQLite connection), so more threads would only
+/// wait on its lock; and each thread that allocates cache entries gets a glibc malloc arena of
+/// its own, which with a million cached keys cost ~80 MiB of fragmentation at tokio's default
+/// of up to 512 threads (BENCHMARKS.md, "Memory"). Two, not one, so that one stuck operation
+/// cannot stop key lookups.
 pub fn worker_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .max_blocking_threads(16)
+        .max_blocking_threads(2)
         .build()
 }
 
