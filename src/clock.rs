@@ -26,6 +26,9 @@ pub type UnixMillis = i64;
 pub struct Now {
     /// Milliseconds since the Unix epoch.
     pub wall_ms: UnixMillis,
+    /// Monotonic nanoseconds, as [`Clock::monotonic`]: read together with the wall time, so a
+    /// request reads the clock once for both.
+    pub mono_ns: u64,
 }
 
 /// A clock: the system's, or a manual one that only moves when told to.
@@ -77,12 +80,15 @@ impl Clock {
         match &*self.0 {
             Inner::System => {
                 let b = base();
+                let elapsed = b.start.elapsed();
                 Now {
-                    wall_ms: b.start_wall_ms + b.start.elapsed().as_millis() as i64,
+                    wall_ms: b.start_wall_ms + elapsed.as_millis() as i64,
+                    mono_ns: elapsed.as_nanos() as u64,
                 }
             }
-            Inner::Manual { wall_ms, .. } => Now {
+            Inner::Manual { wall_ms, mono_ns } => Now {
                 wall_ms: wall_ms.load(Ordering::Acquire),
+                mono_ns: mono_ns.load(Ordering::Acquire),
             },
         }
     }

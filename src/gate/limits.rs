@@ -199,14 +199,17 @@ impl LimitSet {
 /// With several limits a refusal by a later one does not give back the token an earlier one
 /// took: governor has no rollback, and a client over one limit is close to the others.
 #[inline]
-pub fn check(buckets: &[Arc<Bucket>], clock: &Clock) -> Result<Option<RateInfo>, RateInfo> {
+pub fn check(
+    buckets: &[Arc<Bucket>],
+    clock: &Clock,
+    now_ns: u64,
+) -> Result<Option<RateInfo>, RateInfo> {
     let mut tightest: Option<RateInfo> = None;
     for b in buckets {
         let spec = &b.spec;
         let interval = spec.per.as_secs_f64() / spec.requests as f64;
         let result = b.limiter.check();
-        b.last_used
-            .store(clock.monotonic().as_nanos() as u64, Ordering::Relaxed);
+        b.last_used.store(now_ns, Ordering::Relaxed);
         match result {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
@@ -240,6 +243,10 @@ pub fn check(buckets: &[Arc<Bucket>], clock: &Clock) -> Result<Option<RateInfo>,
 mod tests {
     use super::*;
 
+    fn ns(clock: &Clock) -> u64 {
+        clock.monotonic().as_nanos() as u64
+    }
+
     fn spec(requests: u32, per_secs: u64, burst: u32) -> LimitSpec {
         LimitSpec {
             requests,
@@ -255,19 +262,22 @@ mod tests {
         let set = reg.set("free", &[spec(100, 3600, 100)]);
         let team = reg.buckets(&set, &"t".into());
         for i in 0..100 {
-            let info = check(&team, &clock).unwrap().unwrap();
+            let info = check(&team, &clock, ns(&clock)).unwrap().unwrap();
             assert_eq!(info.remaining, 99 - i);
             assert_eq!(info.limit, 100);
         }
-        let denied = check(&team, &clock).unwrap_err();
+        let denied = check(&team, &clock, ns(&clock)).unwrap_err();
         assert_eq!(denied.retry_after_secs, 36);
         clock.advance(Duration::from_secs(35));
-        assert!(check(&team, &clock).is_err());
+        assert!(check(&team, &clock, ns(&clock)).is_err());
         clock.advance(Duration::from_secs(1));
-        assert_eq!(check(&team, &clock).unwrap().unwrap().remaining, 0);
-        assert!(check(&team, &clock).is_err());
+        assert_eq!(
+            check(&team, &clock, ns(&clock)).unwrap().unwrap().remaining,
+            0
+        );
+        assert!(check(&team, &clock, ns(&clock)).is_err());
         // Another team has its own bucket.
-        assert!(check(&reg.buckets(&set, &"u".into()), &clock).is_ok());
+        assert!(check(&reg.buckets(&set, &"u".into()), &clock, ns(&clock)).is_ok());
     }
 
     #[test]
@@ -276,11 +286,13 @@ mod tests {
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set("basic", &[spec(100, 60, 20)]);
         let k = reg.buckets(&set, &"k".into());
-        let passed = (0..50).filter(|_| check(&k, &clock).is_ok()).count();
+        let passed = (0..50)
+            .filter(|_| check(&k, &clock, ns(&clock)).is_ok())
+            .count();
         assert_eq!(passed, 20);
         clock.advance(Duration::from_millis(600));
-        assert!(check(&k, &clock).is_ok(), "one token per 0.6 s");
-        assert!(check(&k, &clock).is_err());
+        assert!(check(&k, &clock, ns(&clock)).is_ok(), "one token per 0.6 s");
+        assert!(check(&k, &clock, ns(&clock)).is_err());
     }
 
     #[test]
@@ -289,9 +301,9 @@ mod tests {
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set("ent", &[spec(1000, 3600, 1000), spec(10, 60, 2)]);
         let k = reg.buckets(&set, &"k".into());
-        assert_eq!(check(&k, &clock).unwrap().unwrap().remaining, 1);
-        assert_eq!(check(&k, &clock).unwrap().unwrap().remaining, 0);
-        let denied = check(&k, &clock).unwrap_err();
+        assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 1);
+        assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 0);
+        let denied = check(&k, &clock, ns(&clock)).unwrap_err();
         assert_eq!(denied.limit, 10);
         assert_eq!(denied.retry_after_secs, 6);
     }
@@ -303,10 +315,10 @@ mod tests {
         let a = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
         // A reload builds a new set with the same quota: same bucket.
         let b = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
-        check(&a, &clock).unwrap();
-        check(&b, &clock).unwrap();
+        check(&a, &clock, ns(&clock)).unwrap();
+        check(&b, &clock, ns(&clock)).unwrap();
         assert!(
-            check(&a, &clock).is_err(),
+            check(&a, &clock, ns(&clock)).is_err(),
             "a reload's new set sees the old bucket"
         );
         drop((a, b));
@@ -317,7 +329,7 @@ mod tests {
         );
         let c = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
         assert!(
-            check(&c, &clock).is_err(),
+            check(&c, &clock, ns(&clock)).is_err(),
             "evicted entries do not reset the bucket"
         );
         clock.advance(Duration::from_secs(7200));

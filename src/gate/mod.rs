@@ -402,7 +402,7 @@ impl Gate {
             }
             None => {
                 let d = keys::digest(presented.bytes);
-                match self.cache.get(&d, self.clock.monotonic().as_nanos() as u64) {
+                match self.cache.get(&d, now.mono_ns) {
                     Cached::Hit(e) => {
                         self.metrics.cache_hit.inc();
                         e
@@ -450,7 +450,7 @@ impl Gate {
         }
         // 6. limits
         let rate = if route.rate_limited {
-            match limits::check(entry.buckets(), &self.clock) {
+            match limits::check(entry.buckets(), &self.clock, now.mono_ns) {
                 Ok(info) => info,
                 Err(info) => {
                     return Check::denied(
