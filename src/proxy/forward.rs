@@ -195,7 +195,7 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     }
     if let Some(k) = f.key {
         headers.insert(X_KEYGATE_TEAM.clone(), k.team.team_header.clone());
-        headers.insert(X_KEYGATE_KEY_ID.clone(), k.key_id_header.clone());
+        headers.insert(X_KEYGATE_KEY_ID.clone(), k.key_id_header());
         headers.insert(X_KEYGATE_PLAN.clone(), k.team.plan_header.clone());
     }
 }

@@ -337,7 +337,7 @@ fn usage_records_are_made_once_and_keep_their_counts() {
         "the base is the store's count at first load"
     );
     assert_eq!(a.key_id(), "key-a");
-    assert_eq!(a.header, "key-a");
+    assert_eq!(a.header(), "key-a");
     assert_eq!(r.pending(), vec![("key-a".to_string(), 2, 1_000)]);
     assert_eq!(r.unflushed("key-a"), Some((2, 1_000)));
     r.commit(&r.pending());
@@ -371,6 +371,6 @@ fn names_are_rendered_once() {
 fn sizes_stay_compact() {
     use std::mem::size_of;
     assert_eq!(size_of::<Slot>(), 48);
-    assert_eq!(size_of::<KeyEntry>(), 32);
-    assert_eq!(size_of::<KeyUsage>(), 64);
+    assert_eq!(size_of::<KeyEntry>(), 24);
+    assert_eq!(size_of::<KeyUsage>(), 40);
 }
