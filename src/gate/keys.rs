@@ -33,9 +33,10 @@
 //! not cache its result.
 //!
 //! What a key is beyond the cache — its id (the `x-keygate-key-id` value is made over it per
-//! request, without an allocation) and its usage counters — is kept in the [`UsageRegistry`] for the life of the process (counts must
-//! survive eviction and reload), in slabs that are never freed, so an entry refers to it with a
-//! plain `&'static` reference: no allocation, no reference count per key or per request.
+//! request, without an allocation) and its usage counters — is kept in the [`UsageRegistry`]
+//! for the life of the process (counts must survive eviction and reload), in slabs that are
+//! never freed, so an entry refers to it with a plain `&'static` reference: no allocation, no
+//! reference count per key or per request.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -276,9 +277,7 @@ struct Usages {
 impl Usages {
     fn find(&self, key_id: &str) -> Option<&'static KeyUsage> {
         let h = self.hasher.hash_one(key_id.as_bytes());
-        self.by_id
-            .find(h, |u| u.id == key_id)
-            .copied()
+        self.by_id.find(h, |u| u.id == key_id).copied()
     }
 }
 
