@@ -61,6 +61,7 @@ fn stderr_of(path: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_reload_on_sighup_and_drain_on_sigterm() {
     let up = Upstream::start().await;
+    let up2 = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let config_path = dir.path().join("keygate.toml");
     let log_path = dir.path().join("stderr.log");
@@ -69,7 +70,7 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
         cfg.render()
             .replacen(
                 "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"127.0.0.1:{proxy_port}\"\nworkers = 1"),
+                &format!("listen = \"127.0.0.1:{proxy_port}\"\nworkers = 2"),
                 1,
             )
             .replacen(
@@ -105,9 +106,11 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
         .await
         .assert_error(401, MISSING_KEY);
 
-    // Rewrite the file and send SIGHUP: the new message shows once the reload is done.
+    // Rewrite the file and send SIGHUP: the new message shows once the reload is done. The
+    // upstream moves too, and every worker's pool must follow it.
     cfg.messages
         .push(("missing_key".into(), "Reloaded: send x-api-key".into()));
+    cfg.upstream = format!("http://{}", up2.addr);
     write_file(&config_path, &render(&cfg));
     signal(pid, "HUP");
     poll(Duration::from_secs(10), "the reloaded config", || {
@@ -115,6 +118,20 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
         async move { (send(rb).await.body["error"] == "Reloaded: send x-api-key").then_some(()) }
     })
     .await;
+    // New connections, so the kernel spreads them over both workers' listeners: each worker's
+    // pool must now reach the new upstream only.
+    let before = up.hits();
+    for _ in 0..20 {
+        let r = send(
+            client()
+                .get(format!("{proxy}/api/x"))
+                .header("x-api-key", ALPHA_KEY),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(up.hits(), before, "a worker still forwards to the old upstream");
+    assert_eq!(up2.hits(), 20);
 
     // A broken file on SIGHUP is refused and the process keeps serving the last good config.
     write_file(
