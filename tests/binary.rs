@@ -130,7 +130,11 @@ async fn run_reload_on_sighup_and_drain_on_sigterm() {
         .await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    assert_eq!(up.hits(), before, "a worker still forwards to the old upstream");
+    assert_eq!(
+        up.hits(),
+        before,
+        "a worker still forwards to the old upstream"
+    );
     assert_eq!(up2.hits(), 20);
 
     // A broken file on SIGHUP is refused and the process keeps serving the last good config.
