@@ -393,15 +393,11 @@ fn init_logging(config: &Config) {
     };
 }
 
-/// The main runtime: single-threaded. It serves the first worker, the admin API and the
-/// background work; the other workers get runtimes of their own ([`Server::run_workers`]).
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    crate::server::worker_runtime()
-}
-
 fn run(config: Config, path: Option<PathBuf>, demo: bool) -> ExitCode {
     init_logging(&config);
-    let rt = match runtime() {
+    // The first worker's runtime, which also runs the admin API and the background work; the
+    // other workers get runtimes of their own (`Server::run_workers`).
+    let rt = match crate::server::worker_runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

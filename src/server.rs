@@ -97,10 +97,9 @@ type Stores = (
 /// A running keygate's parts.
 pub struct Server {
     pub gate: Arc<Gate>,
-    /// The first worker's proxy (on the caller's runtime).
-    pub proxy: Arc<Proxy>,
-    /// The other workers' proxies, each with its own upstream pool on its own runtime.
-    workers: Mutex<Vec<Arc<Proxy>>>,
+    /// Every worker's proxy, the first one's first: each has its own upstream pool, on its
+    /// worker's runtime.
+    proxies: Mutex<Vec<Arc<Proxy>>>,
     /// The SQLite store, when `state.dir` is set and it opened.
     pub store: Option<Arc<SqliteStore>>,
     state: Arc<dyn StateStore>,
@@ -210,8 +209,7 @@ impl Server {
             arc_swap::ArcSwapOption::from(load_admin_token(&gate.snapshot().config).map(Arc::new));
         Server {
             gate,
-            proxy,
-            workers: Mutex::new(Vec::new()),
+            proxies: Mutex::new(vec![proxy]),
             store,
             state,
             config_path: opts.config_path,
@@ -263,13 +261,7 @@ impl Server {
         self.admin_token
             .store(load_admin_token(&config).map(Arc::new));
         self.gate.reload(Arc::new(config));
-        self.proxy.reloaded();
-        for p in self
-            .workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for p in self.proxies().iter() {
             p.reloaded();
         }
     }
@@ -373,14 +365,9 @@ impl Server {
             }
         }
         self.ready.store(true, Ordering::Release);
-        self.serve_on(
-            first,
-            self.proxy.clone(),
-            limits,
-            semaphore,
-            shutdown.clone(),
-        )
-        .await;
+        let proxy = self.proxies()[0].clone();
+        self.serve_on(first, proxy, limits, semaphore, shutdown.clone())
+            .await;
         for done in others {
             let _ = done.await;
         }
@@ -392,6 +379,10 @@ impl Server {
         let _ = admin_stop.send(true);
         let _ = admin.await;
         tracing::info!("stopped");
+    }
+
+    fn proxies(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Proxy>>> {
+        self.proxies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One worker's accept loop and drain, plain or TLS.
@@ -431,10 +422,7 @@ impl Server {
         // A listener belongs to the runtime that registered it: hand over the socket itself.
         let listener = listener.into_std()?;
         let proxy = Arc::new(Proxy::new(self.gate.clone(), self.tls.is_some()));
-        self.workers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(proxy.clone());
+        self.proxies().push(proxy.clone());
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let (this, limits, semaphore, shutdown) = (
             self.clone(),

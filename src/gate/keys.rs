@@ -560,7 +560,6 @@ struct Shard {
     free: Vec<u32>,
     /// The CLOCK hand: the next slot to consider for eviction.
     hand: usize,
-    len: usize,
 }
 
 const NS: u64 = 1_000_000_000;
@@ -603,7 +602,6 @@ impl Shard {
         let gone = self.slots[i].entry.take();
         if gone.is_some() {
             self.free.push(i as u32);
-            self.len -= 1;
         }
         gone
     }
@@ -646,7 +644,7 @@ impl Shard {
             *s.referenced.get_mut() = false;
             return s.entry.replace(entry);
         }
-        let evicted = if self.len >= capacity {
+        let evicted = if self.index.len() >= capacity {
             self.evict(now_ns)
         } else {
             None
@@ -666,7 +664,6 @@ impl Shard {
         };
         let Shard { index, slots, .. } = self;
         index.insert_unique(index_hash(d), i, |&j| index_hash(&slots[j as usize].digest));
-        self.len += 1;
         evicted
     }
 }
@@ -917,7 +914,12 @@ impl KeyCache {
         let positive = self
             .shards
             .iter()
-            .map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len as u64)
+            .map(|s| {
+                s.0.read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .index
+                    .len() as u64
+            })
             .sum();
         self.negative.run_pending_tasks();
         (positive, self.negative.entry_count())

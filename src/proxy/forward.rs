@@ -222,12 +222,12 @@ impl RequestIds {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let v = (u128::from(self.prefix) << 64) | u128::from(n);
-        super::values::render(24, |b| {
-            for i in 0..24 {
-                b.extend_from_slice(&[HEX[((v >> (4 * (23 - i))) & 0xf) as usize]]);
-            }
-        })
-        .unwrap_or(HeaderValue::from_static("0"))
+        let mut hex = [0u8; 24];
+        for (i, d) in hex.iter_mut().enumerate() {
+            *d = HEX[((v >> (4 * (23 - i))) & 0xf) as usize];
+        }
+        super::values::render(24, |b| b.extend_from_slice(&hex))
+            .unwrap_or(HeaderValue::from_static("0"))
     }
 }
 
