@@ -260,10 +260,11 @@ impl Server {
         }
         self.admin_token
             .store(load_admin_token(&config).map(Arc::new));
-        self.gate.reload(Arc::new(config));
+        // Upstreams first: a request that sees the new snapshot then sees its upstream too.
         for p in self.proxies().iter() {
-            p.reloaded();
+            p.reloaded(&config.upstream);
         }
+        self.gate.reload(Arc::new(config));
     }
 
     /// The admin API's token, if one is configured.

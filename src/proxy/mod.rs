@@ -109,9 +109,8 @@ impl Proxy {
     /// Picks up a reloaded upstream: a new address gets a new pool, the same plain-HTTP one
     /// keeps its connections. A TLS upstream always gets a new pool, so that renewed CA files
     /// and names apply to every connection after the reload.
-    pub fn reloaded(&self) {
-        let snap = self.gate.snapshot();
-        let (target, pool) = Self::upstream(&self.gate, &snap.config.upstream);
+    pub fn reloaded(&self, cfg: &crate::config::UpstreamConfig) {
+        let (target, pool) = Self::upstream(&self.gate, cfg);
         let current = self.upstream.load();
         let pool = if current.1.addr() == pool.addr() && !current.1.is_tls() && !pool.is_tls() {
             current.1.clone()
