@@ -11,8 +11,9 @@
 //!   to be a moka cache plus a lock-free papaya map mirroring it for reads (moka's reads go
 //!   through one shared read-log channel and held two threads to 1.2× one). Measured, that design
 //!   took 1,321 MiB RSS for 1,000,000 keys, 1,418 heap bytes per key in `tests/memory.rs`, of
-//!   which moka's and the mirror's entries were several hundred; this table costs a 48-byte slot
-//!   and an index cell (4 bytes and a control byte) per key (BENCHMARKS.md, "Memory").
+//!   which moka's and the mirror's entries were several hundred; this table costs a 64-byte
+//!   slot (the entry inline) and an index cell (4 bytes and a control byte) per key
+//!   (BENCHMARKS.md, "Memory").
 //!
 //!   It is up to [`SHARDS`] shards picked by a digest byte, each a `RwLock` over an index
 //!   (`hashbrown::HashTable<u32>`) into a slab of slots with a free list. A read takes one
@@ -86,12 +87,16 @@ impl std::fmt::Debug for TeamEntry {
 }
 
 /// A cached key: what the policy step needs, and nothing that could reveal the key.
+///
+/// Held by value in its cache slot (no allocation of its own) and cloned for each request
+/// that uses it: a clone is one reference count on the team (and on the extras, if any).
+#[derive(Clone)]
 pub struct KeyEntry {
     pub team: Arc<TeamEntry>,
     pub usage: &'static KeyUsage,
     /// Scopes, environment, expiry, revocation, buckets of its own: most keys have none of
     /// them, and then this costs no allocation. Inline they would more than double the entry.
-    extras: Option<Box<Extras>>,
+    extras: Option<Arc<Extras>>,
 }
 
 struct Extras {
@@ -129,7 +134,7 @@ impl KeyEntry {
             && !revoked
             && buckets.is_empty();
         let extras = (!plain).then(|| {
-            Box::new(Extras {
+            Arc::new(Extras {
                 scopes: scopes.iter().map(|s| s.as_str().into()).collect(),
                 environment: environment.map(Into::into),
                 expires_at,
@@ -473,9 +478,9 @@ pub const SHARDS: usize = 64;
 struct Slot {
     digest: Digest,
     /// `None` while the slot is on the free list.
-    entry: Option<Arc<KeyEntry>>,
+    entry: Option<KeyEntry>,
     /// Monotonic seconds from which the entry is a miss (rounded down: an entry never outlives
-    /// `cache.ttl`; 32 bits instead of 64 make the slot 48 bytes instead of 56).
+    /// `cache.ttl`; 32 bits instead of 64 make the slot 64 bytes instead of 72).
     expires_s: u32,
     /// Read since the CLOCK hand last passed.
     referenced: AtomicBool,
@@ -504,7 +509,7 @@ struct Slots {
 }
 
 impl Slots {
-    /// Chunks of a sixteenth of the shard's capacity, 512 slots (24 KiB) at most: a shard
+    /// Chunks of a sixteenth of the shard's capacity, 512 slots (32 KiB) at most: a shard
     /// fills at most one chunk partly.
     fn new(capacity: usize) -> Slots {
         Slots {
@@ -592,7 +597,7 @@ impl Shard {
             .map(|&i| i as usize)
     }
 
-    fn remove(&mut self, i: usize) -> Option<Arc<KeyEntry>> {
+    fn remove(&mut self, i: usize) -> Option<KeyEntry> {
         if let Ok(found) = self
             .index
             .find_entry(index_hash(&self.slots[i].digest), |&j| j as usize == i)
@@ -608,7 +613,7 @@ impl Shard {
 
     /// CLOCK: the first slot, from the hand on, that is expired or was not read since the hand
     /// last passed (clearing the bits of those that were). Ends within two turns.
-    fn evict(&mut self, now_ns: u64) -> Option<Arc<KeyEntry>> {
+    fn evict(&mut self, now_ns: u64) -> Option<KeyEntry> {
         let n = self.slots.len();
         if n == 0 {
             return None;
@@ -633,11 +638,11 @@ impl Shard {
     fn put(
         &mut self,
         d: &Digest,
-        entry: Arc<KeyEntry>,
+        entry: KeyEntry,
         expires_s: u32,
         capacity: usize,
         now_ns: u64,
-    ) -> Option<Arc<KeyEntry>> {
+    ) -> Option<KeyEntry> {
         if let Some(i) = self.find(d) {
             let s = &mut self.slots[i];
             s.expires_s = expires_s;
@@ -675,12 +680,12 @@ struct Padded<T>(T);
 /// A load in progress, which later callers for the same digest wait on.
 #[derive(Default)]
 struct Flight {
-    result: Mutex<Option<Result<Arc<KeyEntry>, LoadError>>>,
+    result: Mutex<Option<Result<KeyEntry, LoadError>>>,
     done: Condvar,
 }
 
 impl Flight {
-    fn wait(&self) -> Result<Arc<KeyEntry>, LoadError> {
+    fn wait(&self) -> Result<KeyEntry, LoadError> {
         let mut r = self.result.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
             if let Some(r) = &*r {
@@ -697,7 +702,7 @@ struct Lead<'a> {
     cache: &'a KeyCache,
     digest: Digest,
     flight: Arc<Flight>,
-    result: Option<Result<Arc<KeyEntry>, LoadError>>,
+    result: Option<Result<KeyEntry, LoadError>>,
 }
 
 impl Drop for Lead<'_> {
@@ -743,7 +748,7 @@ impl std::fmt::Debug for KeyCache {
 
 /// What the cache knows of a digest without loading.
 pub enum Cached {
-    Hit(Arc<KeyEntry>),
+    Hit(KeyEntry),
     KnownUnknown,
     Miss,
 }
@@ -791,7 +796,7 @@ impl KeyCache {
     }
 
     #[inline]
-    fn get_positive(&self, d: &Digest, now_ns: u64) -> Option<Arc<KeyEntry>> {
+    fn get_positive(&self, d: &Digest, now_ns: u64) -> Option<KeyEntry> {
         let shard = self.shard(d).read().unwrap_or_else(PoisonError::into_inner);
         let slot = &shard.slots[shard.find(d)?];
         if expired(now_ns, slot.expires_s) {
@@ -810,8 +815,8 @@ impl KeyCache {
         &self,
         d: &Digest,
         now_ns: u64,
-        init: impl FnOnce() -> Result<Arc<KeyEntry>, LoadError>,
-    ) -> Result<Arc<KeyEntry>, LoadError> {
+        init: impl FnOnce() -> Result<KeyEntry, LoadError>,
+    ) -> Result<KeyEntry, LoadError> {
         let flight = {
             let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
             // Under the lock: a leader caches its entry before it leaves the table, so a caller
@@ -850,7 +855,7 @@ impl KeyCache {
     }
 
     /// Caches a loaded entry, unless the cache was invalidated since `generation` was read.
-    fn insert(&self, d: &Digest, entry: Arc<KeyEntry>, now_ns: u64, generation: u64) {
+    fn insert(&self, d: &Digest, entry: KeyEntry, now_ns: u64, generation: u64) {
         let mut shard = self
             .shard(d)
             .write()

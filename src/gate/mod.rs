@@ -67,7 +67,7 @@ pub struct RequestHead<'a> {
 pub struct Grant {
     pub route: u16,
     /// `None` on public routes.
-    pub key: Option<Arc<KeyEntry>>,
+    pub key: Option<KeyEntry>,
     /// The rate-limit state, when the route is rate limited.
     pub rate: Option<RateInfo>,
 }
@@ -80,7 +80,7 @@ pub enum Check {
     /// `route` when a route had matched (for metrics).
     Denied {
         denial: Denial,
-        key: Option<Arc<KeyEntry>>,
+        key: Option<KeyEntry>,
         route: Option<u16>,
     },
     /// The key is not cached: load it ([`Gate::load`]) and [`Gate::resume`].
@@ -88,7 +88,7 @@ pub enum Check {
 }
 
 impl Check {
-    fn denied(denial: Denial, key: Option<Arc<KeyEntry>>, route: Option<u16>) -> Check {
+    fn denied(denial: Denial, key: Option<KeyEntry>, route: Option<u16>) -> Check {
         Check::Denied { denial, key, route }
     }
 }
@@ -361,7 +361,7 @@ impl Gate {
         snap: &Snapshot,
         head: &RequestHead<'_>,
         now: Now,
-        loaded: Result<Arc<KeyEntry>, LoadError>,
+        loaded: Result<KeyEntry, LoadError>,
     ) -> Check {
         self.run(snap, head, now, Some(loaded))
     }
@@ -371,7 +371,7 @@ impl Gate {
         snap: &Snapshot,
         head: &RequestHead<'_>,
         now: Now,
-        loaded: Option<Result<Arc<KeyEntry>, LoadError>>,
+        loaded: Option<Result<KeyEntry, LoadError>>,
     ) -> Check {
         let matched = match snap.routes.find(head.method, head.path) {
             Ok(m) => m,
@@ -512,7 +512,7 @@ impl Gate {
     }
 
     /// Resolves a digest through the cache and the store (blocking; one load per digest).
-    pub fn load(&self, d: &Digest) -> Result<Arc<KeyEntry>, LoadError> {
+    pub fn load(&self, d: &Digest) -> Result<KeyEntry, LoadError> {
         let now_ns = self.clock.monotonic().as_nanos() as u64;
         self.cache.load(d, now_ns, || {
             // Read before the snapshot: a reload after this point makes the team not memoized.
@@ -538,12 +538,7 @@ impl Gate {
     }
 
     /// Builds the cache entry of a stored key against the current snapshot.
-    fn entry(
-        &self,
-        snap: &Snapshot,
-        k: &StoredKey,
-        epoch: u64,
-    ) -> Result<Arc<KeyEntry>, LoadError> {
+    fn entry(&self, snap: &Snapshot, k: &StoredKey, epoch: u64) -> Result<KeyEntry, LoadError> {
         let team = self.team(snap, &k.team_id, epoch)?;
         // Refuses ids that cannot be a header value before anything is kept for them.
         let usage = self
@@ -556,7 +551,7 @@ impl Gate {
                 .limiters
                 .buckets(&team.limits, &k.key_id.as_str().into()),
         };
-        Ok(Arc::new(KeyEntry::new(
+        Ok(KeyEntry::new(
             team,
             buckets,
             usage,
@@ -564,7 +559,7 @@ impl Gate {
             k.environment.as_deref(),
             k.expires_at,
             k.revoked_at.is_some(),
-        )))
+        ))
     }
 
     /// A key's team, resolved once and shared by all its cached keys: from the snapshot if

@@ -191,7 +191,7 @@ impl Proxy {
                     .metrics()
                     .overhead_seconds
                     .observe(watch.elapsed().as_secs_f64());
-                return self.denial(snap, d, key.as_deref(), false);
+                return self.denial(snap, d, key.as_ref(), false);
             }
             Check::Lookup(_) => {
                 snap.count(None, Outcome::Denied(Denial::StoreUnavailable));
@@ -209,7 +209,7 @@ impl Proxy {
         // A tunnel needs HTTP/1.1's upgrade; HTTP/2's extended CONNECT is not offered.
         if tunnel && (!route.upgrade || parts.version != http::Version::HTTP_11) {
             snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
-            return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
+            return self.denial(snap, Denial::BadRequest, grant.key.as_ref(), false);
         }
         let max_body = snap.config.proxy.max_body_bytes;
         if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
@@ -220,7 +220,7 @@ impl Proxy {
                 .is_none_or(|n| n > max_body)
             {
                 snap.count(Some(grant.route), Outcome::Denied(Denial::PayloadTooLarge));
-                return self.denial(snap, Denial::PayloadTooLarge, grant.key.as_deref(), true);
+                return self.denial(snap, Denial::PayloadTooLarge, grant.key.as_ref(), true);
             }
         }
         let ctx = Ctx {
@@ -251,7 +251,7 @@ impl Proxy {
             &mut parts.headers,
             &Forwarding {
                 credential_headers: snap.credentials.header_names(),
-                key: grant.key.as_deref(),
+                key: grant.key.as_ref(),
                 peer: &ctx.conn.peer_header,
                 proto: self.proto,
                 trust_forwarded: cfg.proxy.trust_forwarded,
@@ -296,7 +296,7 @@ impl Proxy {
             Ok(r) => r,
             Err(d) => {
                 snap.count(Some(grant.route), Outcome::Denied(d));
-                return self.denial(snap, d, grant.key.as_deref(), false);
+                return self.denial(snap, d, grant.key.as_ref(), false);
             }
         };
         let watch = ctx.watch;
@@ -340,7 +340,7 @@ impl Proxy {
             denial,
             Denial::PayloadTooLarge | Denial::RequestTimeout | Denial::BadRequest
         );
-        self.denial(snap, denial, grant.key.as_deref(), close)
+        self.denial(snap, denial, grant.key.as_ref(), close)
     }
 
     /// An upgrade (WebSocket) or `CONNECT` on a route that allows it: the request goes to the
@@ -361,7 +361,7 @@ impl Proxy {
             parts.headers.get(header::UPGRADE).cloned(),
         ) else {
             snap.count(Some(grant.route), Outcome::Denied(Denial::BadRequest));
-            return self.denial(snap, Denial::BadRequest, grant.key.as_deref(), false);
+            return self.denial(snap, Denial::BadRequest, grant.key.as_ref(), false);
         };
         let upstream = self.upstream.load();
         let (target, pool) = &**upstream;
@@ -369,7 +369,7 @@ impl Proxy {
             Ok((r, _)) => r,
             Err(d) => {
                 snap.count(Some(grant.route), Outcome::Denied(d));
-                return self.denial(snap, d, grant.key.as_deref(), false);
+                return self.denial(snap, d, grant.key.as_ref(), false);
             }
         };
         // Hop-by-hop, so stripped above; an upgrade needs them on this hop too.
@@ -387,16 +387,11 @@ impl Proxy {
                     Some(grant.route),
                     Outcome::Denied(Denial::UpstreamUnavailable),
                 );
-                return self.denial(
-                    snap,
-                    Denial::UpstreamUnavailable,
-                    grant.key.as_deref(),
-                    false,
-                );
+                return self.denial(snap, Denial::UpstreamUnavailable, grant.key.as_ref(), false);
             }
             Err(_) => {
                 snap.count(Some(grant.route), Outcome::Denied(Denial::UpstreamTimeout));
-                return self.denial(snap, Denial::UpstreamTimeout, grant.key.as_deref(), false);
+                return self.denial(snap, Denial::UpstreamTimeout, grant.key.as_ref(), false);
             }
         };
         snap.count(Some(grant.route), Outcome::Forwarded);
