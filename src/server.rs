@@ -454,7 +454,10 @@ impl Server {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut beat_tick = tokio::time::interval(Duration::from_millis(250));
-        let mut usage_tick = tokio::time::interval(usage_every);
+        // The first flush one interval in, not at once (`interval`'s first tick is immediate):
+        // nothing is pending at start, and an immediate one raced the first requests.
+        let mut usage_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + usage_every, usage_every);
         let mut prune_tick = tokio::time::interval(Duration::from_secs(60));
         // Another process (the CLI) writing the store: forget cached keys within a second.
         let mut watch_tick = tokio::time::interval(Duration::from_secs(1));

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod forward;
+pub mod h1;
 pub mod pool;
 pub mod server;
 pub mod values;

@@ -1,34 +1,35 @@
-//! The upstream connection pool: HTTP/1.1 keep-alive connections made with hyper's
-//! `client::conn::http1`, reused last-in first-out.
+//! The upstream connection pool: HTTP/1.1 keep-alive connections, reused last-in first-out,
+//! each request exchanged on one by the request's own task ([`super::h1`]).
 //!
-//! It replaces hyper-util's legacy client, whose per-request work (a channel hop to the pool
-//! task, hashing the pool key, cloning the URI) was the largest single cost in keygate's own
-//! code under load (issue 5's profile). A connection goes back to the pool when its response
-//! body has been read to the end; one dropped part-way is closed rather than reused. A request
-//! that could not be written on a pooled connection (it closed under us) is retried once on a
-//! fresh one — hyper hands the unsent request back, so nothing is sent twice.
+//! It replaced hyper-util's legacy client (a channel hop to the pool task, hashing the pool key,
+//! cloning the URI per request), and then hyper's per-connection client task (a channel hop and
+//! two wake-ups per request): issue 5's profiles, BENCHMARKS.md. A connection goes back to the
+//! pool when its response body has been read to the end with nothing after it; one dropped
+//! part-way is closed rather than reused. An idle connection the upstream closed is noticed at
+//! checkout from the reactor's readiness, without a syscall while it is quiet; one that closes
+//! in the instant between checkout and the request is retried once on a fresh connection when
+//! that is safe (no body, an idempotent method, nothing answered).
 //!
 //! For an `https://` upstream each connection is a rustls session, set up within the connect
 //! timeout. Upgrades (WebSocket) and `CONNECT` get a connection of their own, never pooled,
-//! which becomes the tunnel.
+//! on which hyper's client makes the request and which then becomes the tunnel.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::rt::{Read, Write};
 use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use rustls::pki_types::ServerName;
 use tokio::time::Instant;
 
 use super::body::GuardedBody;
+use super::h1::{self, Conn, Decoder, H1Error, Io, ReqBody};
 
 /// Why a request could not be exchanged with the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +49,13 @@ pub enum PoolError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    H1(#[from] H1Error),
+    #[error(transparent)]
     Http(#[from] hyper::Error),
 }
 
 struct Idle {
-    sender: SendRequest<GuardedBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -85,6 +88,15 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+/// Safe to send twice (RFC 9110 §9.2.2), so safe to retry when a pooled connection closed
+/// under the request with no answer.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 impl Pool {
     pub fn new(
         addr: String,
@@ -115,26 +127,22 @@ impl Pool {
         self.0.tls.is_some()
     }
 
-    /// A pooled connection that is ready for a request, if any.
-    async fn checkout(&self) -> Option<SendRequest<GuardedBody>> {
+    /// A pooled connection that is still open, if any.
+    fn checkout(&self) -> Option<Conn> {
         loop {
-            let idle = self
+            let mut idle = self
                 .0
                 .idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop()?;
-            if idle.sender.is_closed() || idle.since.elapsed() > self.0.idle_timeout {
-                continue;
-            }
-            let mut sender = idle.sender;
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            if idle.since.elapsed() <= self.0.idle_timeout && idle.conn.idle_ok() {
+                return Some(idle.conn);
             }
         }
     }
 
-    async fn connect(&self, upgrades: bool) -> Result<SendRequest<GuardedBody>, PoolError> {
+    async fn connect(&self) -> Result<Io, PoolError> {
         let addr = &self.0.addr;
         let setup = async {
             let stream = tokio::net::TcpStream::connect(addr)
@@ -146,145 +154,233 @@ impl Pool {
             let _ = stream.set_nodelay(true);
             self.0.connects.inc();
             match &self.0.tls {
-                None => Ok(Stream::Plain(stream)),
+                None => Ok(Io::Plain(stream)),
                 Some(tls) => tokio_rustls::TlsConnector::from(tls.config.clone())
                     .connect(tls.server_name.clone(), stream)
                     .await
-                    .map(|s| Stream::Tls(Box::new(s)))
+                    .map(|s| Io::Tls(Box::new(s)))
                     .map_err(|source| PoolError::Tls {
                         addr: addr.clone(),
                         source,
                     }),
             }
         };
-        let stream = tokio::time::timeout(self.0.connect_timeout, setup)
+        tokio::time::timeout(self.0.connect_timeout, setup)
             .await
-            .map_err(|_| PoolError::ConnectTimeout(addr.clone()))??;
-        match stream {
-            Stream::Plain(s) => start(TokioIo::new(s), upgrades).await,
-            Stream::Tls(s) => start(TokioIo::new(*s), upgrades).await,
-        }
+            .map_err(|_| PoolError::ConnectTimeout(addr.clone()))?
     }
 
-    /// Sends an upgrade or `CONNECT` request on a connection of its own. When the upstream
-    /// agrees (101, or 2xx to `CONNECT`), `hyper::upgrade::on` the response yields the tunnel.
+    /// Sends an upgrade or `CONNECT` request on a connection of its own, with hyper's client.
+    /// When the upstream agrees (101, or 2xx to `CONNECT`), `hyper::upgrade::on` the response
+    /// yields the tunnel.
     pub async fn tunnel(&self, req: Request<GuardedBody>) -> Result<Response<Incoming>, PoolError> {
-        let mut sender = self.connect(true).await?;
+        let io = TokioIo::new(self.connect().await?);
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream tunnel connection ended with an error");
+            }
+        });
         Ok(sender.send_request(req).await?)
     }
 
     /// Sends a request (origin-form URI, `Host` set) and returns the response, whose body
     /// gives the connection back to the pool when read to the end.
     pub async fn send(&self, req: Request<GuardedBody>) -> Result<Response<Pooled>, PoolError> {
-        let (mut sender, reused) = match self.checkout().await {
-            Some(s) => (s, true),
-            None => (self.connect(false).await?, false),
+        let (parts, body) = req.into_parts();
+        let empty = body.is_end_stream();
+        let framing = ReqBody::of(&parts.method, empty, body.size_hint().exact());
+        let (mut conn, mut reused) = match self.checkout() {
+            Some(c) => (c, true),
+            None => (Conn::new(self.connect().await?), false),
         };
-        let resp = match sender.try_send_request(req).await {
-            Ok(r) => r,
-            Err(mut e) => match e.take_message() {
-                // Not written: the pooled connection closed under us. Once more, on a new one.
-                Some(req) if reused => {
-                    sender = self.connect(false).await?;
-                    sender.send_request(req).await?
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        h1::encode_head(
+            &mut conn.head,
+            &parts.method,
+            target,
+            &parts.headers,
+            framing,
+        );
+        let mut body = (!empty).then_some((body, framing));
+        let head = loop {
+            match h1::exchange(&mut conn, &parts.method, body.take()).await {
+                Ok(head) => break head,
+                Err(f) if reused && f.unanswered && empty && idempotent(&parts.method) => {
+                    let mut fresh = Conn::new(self.connect().await?);
+                    std::mem::swap(&mut fresh.head, &mut conn.head);
+                    conn = fresh;
+                    reused = false;
                 }
-                _ => return Err(e.into_error().into()),
-            },
+                Err(f) => return Err(f.error.into()),
+            }
         };
-        let (parts, body) = resp.into_parts();
-        let mut pooled = Pooled {
-            inner: body,
-            back: Some((sender, self.clone())),
+        let h1::Head {
+            status,
+            version,
+            headers,
+            mut decoder,
+            reuse,
+        } = head;
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        // The common case: the whole body came with the head, and the connection can go back
+        // before the response is even returned.
+        let whole = match decoder.remaining() {
+            Some(0) => Some(None),
+            Some(n) if conn.buf.len() as u64 >= n => Some(decoder.decode(&mut conn.buf)?),
+            _ => None,
         };
-        if pooled.inner.is_end_stream() {
-            pooled.give_back();
-        }
-        Ok(Response::from_parts(parts, pooled))
+        let body = match whole {
+            Some(data) => {
+                if reuse {
+                    self.put(conn);
+                }
+                Pooled(Kind::Whole(data))
+            }
+            None => Pooled(Kind::Stream {
+                conn,
+                decoder,
+                back: reuse.then(|| self.clone()),
+            }),
+        };
+        Ok(resp.map(|()| body))
     }
 
-    fn put(&self, sender: SendRequest<GuardedBody>) {
-        if sender.is_closed() {
-            return;
+    fn put(&self, conn: Conn) {
+        if !conn.buf.is_empty() {
+            return; // Bytes past the response: the connection is out of step.
         }
         let mut idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.0.max_idle {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 }
 
-enum Stream {
-    Plain(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
-}
+/// An upstream response body. Read to its end, it returns its connection to the pool.
+pub struct Pooled(Kind);
 
-/// The HTTP/1.1 handshake on a connected stream; the connection is driven by a task of its own.
-async fn start<T>(io: T, upgrades: bool) -> Result<SendRequest<GuardedBody>, PoolError>
-where
-    T: Read + Write + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(io)
-        .await?;
-    tokio::spawn(async move {
-        let ended = if upgrades {
-            conn.with_upgrades().await
-        } else {
-            conn.await
-        };
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(sender)
-}
-
-/// An upstream response body that returns its connection to the pool at its end.
-pub struct Pooled {
-    inner: Incoming,
-    back: Option<(SendRequest<GuardedBody>, Pool)>,
+enum Kind {
+    /// All of it was in hand (or there is none); the connection has gone back already.
+    Whole(Option<Bytes>),
+    Stream {
+        conn: Conn,
+        decoder: Decoder,
+        /// The pool, when the connection may be reused.
+        back: Option<Pool>,
+    },
+    /// A tunnel's refusal, from hyper's client.
+    Hyper(Incoming),
+    /// The stream broke; the error is told on the next poll, so that what came before it
+    /// (the head, the last data) is flushed to the client first.
+    Broken(Option<PoolError>),
 }
 
 impl Pooled {
     /// A body whose connection is not the pool's (a tunnel's refusal).
     pub fn unpooled(inner: Incoming) -> Pooled {
-        Pooled { inner, back: None }
+        Pooled(Kind::Hyper(inner))
     }
 
-    fn give_back(&mut self) {
-        if let Some((sender, pool)) = self.back.take() {
-            pool.put(sender);
+    /// Keeps `e` for the next poll, once the server side has flushed what it has (see
+    /// `Kind::Broken`).
+    fn broken<T>(&mut self, cx: &mut Context<'_>, e: PoolError) -> Poll<T> {
+        self.0 = Kind::Broken(Some(e));
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// The body is over: its connection goes back if it may.
+    fn finish(&mut self) {
+        if let Kind::Stream {
+            conn,
+            back: Some(pool),
+            ..
+        } = std::mem::replace(&mut self.0, Kind::Whole(None))
+        {
+            pool.put(conn);
         }
     }
 }
 
 impl Body for Pooled {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = PoolError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, PoolError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
+        let (conn, decoder) = match &mut this.0 {
+            Kind::Whole(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Kind::Hyper(inner) => return Pin::new(inner).poll_frame(cx).map_err(Into::into),
+            Kind::Broken(e) => return Poll::Ready(e.take().map(Err)),
+            Kind::Stream { conn, decoder, .. } => (conn, decoder),
+        };
+        loop {
+            match decoder.decode(&mut conn.buf) {
+                Ok(Some(data)) => {
+                    if decoder.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if decoder.is_done() => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(None) => {}
+                Err(e) => return this.broken(cx, e.into()),
+            }
+            if conn.buf.capacity() - conn.buf.len() < h1::READ_SIZE / 8 {
+                conn.buf.reserve(h1::READ_SIZE);
+            }
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.io),
+                cx,
+                &mut conn.buf
+            )) {
+                // Read to the close (so not reusable), or cut short.
+                Ok(0) => match decoder.eof() {
+                    Ok(()) => {
+                        this.0 = Kind::Whole(None);
+                        return Poll::Ready(None);
+                    }
+                    Err(e) => return this.broken(cx, e.into()),
+                },
+                Ok(_) => {}
+                Err(e) => return this.broken(cx, H1Error::Io(e).into()),
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Kind::Whole(data) => data.is_none(),
+            Kind::Broken(_) => false,
+            Kind::Stream { decoder, .. } => decoder.is_done(),
+            Kind::Hyper(inner) => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.0 {
+            Kind::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Stream { decoder, .. } => match decoder.remaining() {
+                Some(n) => SizeHint::with_exact(n),
+                None => SizeHint::default(),
+            },
+            Kind::Hyper(inner) => inner.size_hint(),
+            Kind::Broken(_) => SizeHint::default(),
+        }
     }
 }
