@@ -30,6 +30,9 @@ use super::body::{BodyError, GuardedBody};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Header fields in a response head at most (hyper's default).
 const MAX_HEADERS: usize = 100;
+/// Response fields keygate may add to an upstream's answer (`x-request-id`, `RateLimit-Policy`,
+/// `RateLimit`, three `X-RateLimit-*`).
+const ADDED_FIELDS: usize = 6;
 /// What a read asks for when the buffer is short of room.
 pub const READ_SIZE: usize = 8 * 1024;
 /// A chunk-size line (with extensions) or a trailer section longer than this is refused.
@@ -253,7 +256,9 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H
         (len, status, version, count)
     };
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the fields keygate adds on the way back (request id, rate-limit fields), so the
+    // map is not grown (a realloc) per response.
+    let mut headers = HeaderMap::with_capacity(count + ADDED_FIELDS);
     for &(n, nl, v, vl) in &spans[..count] {
         let (n, v) = (n as usize, v as usize);
         let name = HeaderName::from_bytes(&head[n..n + nl as usize])

@@ -245,7 +245,7 @@ impl Proxy {
         body: Incoming,
         grant: &Grant,
         ctx: &Ctx<'_>,
-    ) -> Result<(Request<GuardedBody>, Arc<BodyFate>), Denial> {
+    ) -> Result<(Request<GuardedBody>, Option<Arc<BodyFate>>), Denial> {
         let cfg = &snap.config;
         let uri = target.uri(&parts.uri).map_err(|_| Denial::BadRequest)?;
         forward::request_headers(
@@ -272,12 +272,13 @@ impl Proxy {
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        let fate = Arc::new(BodyFate::default());
+        // An empty body cannot fail: no record of its fate (an allocation) for it.
+        let fate = (!http_body::Body::is_end_stream(&body)).then(|| Arc::new(BodyFate::default()));
         let body = GuardedBody::new(
             body,
             cfg.proxy.max_body_bytes,
             cfg.proxy.body_timeout,
-            Some(fate.clone()),
+            fate.clone(),
         );
         Ok((Request::from_parts(parts, body), fate))
     }
@@ -322,11 +323,12 @@ impl Proxy {
                 return Response::from_parts(rparts, Either::Left(rbody));
             }
             Ok(Err(e)) => {
-                if fate.too_large() {
+                let fate = fate.as_deref();
+                if fate.is_some_and(BodyFate::too_large) {
                     Denial::PayloadTooLarge
-                } else if fate.stalled() {
+                } else if fate.is_some_and(BodyFate::stalled) {
                     Denial::RequestTimeout
-                } else if fate.malformed() {
+                } else if fate.is_some_and(BodyFate::malformed) {
                     // The client's fault, not the upstream's: no 502, no upstream alert.
                     Denial::BadRequest
                 } else {
