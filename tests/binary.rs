@@ -318,15 +318,23 @@ async fn sigterm_under_load_finishes_what_is_in_flight() {
         async move { rb.send().await.ok().filter(|r| r.status() == 200) }
     })
     .await;
-    // Three workers: the first on the main thread, two on threads of their own.
-    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|c| c.trim().to_owned())
-        .collect();
-    for w in ["keygate-w1", "keygate-w2"] {
-        assert!(threads.iter().any(|t| t == w), "{w} in {threads:?}");
-    }
+    // Three workers: the first on the main thread, two on threads of their own. A new thread
+    // takes its name only once it runs, so the names are polled for.
+    let thread_names = || -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim().to_owned())
+            .collect()
+    };
+    let threads = poll(Duration::from_secs(10), "two named worker threads", || {
+        let names = thread_names();
+        let both = ["keygate-w1", "keygate-w2"]
+            .iter()
+            .all(|w| names.iter().any(|t| t == w));
+        async move { both.then_some(names) }
+    })
+    .await;
     assert!(!threads.iter().any(|t| t == "keygate-w3"), "{threads:?}");
 
     let slow: Vec<_> = (0..3)
