@@ -34,7 +34,7 @@ const MAX_HEADERS: usize = 100;
 /// `RateLimit`, three `X-RateLimit-*`).
 const ADDED_FIELDS: usize = 6;
 /// What a read asks for when the buffer is short of room.
-pub const READ_SIZE: usize = 8 * 1024;
+const READ_SIZE: usize = 8 * 1024;
 /// A chunk-size line (with extensions) or a trailer section longer than this is refused.
 const MAX_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -504,11 +504,16 @@ impl From<io::Error> for Failed {
     }
 }
 
-/// Reserves room for a read and reads once; `Ok(0)` at the end of input.
-async fn fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+/// Makes room for a read when the buffer is short of it (for the head and the body alike).
+pub fn make_room(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < READ_SIZE / 8 {
         buf.reserve(READ_SIZE);
     }
+}
+
+/// Makes room and reads once; `Ok(0)` at the end of input.
+async fn fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    make_room(buf);
     io.read_buf(buf).await
 }
 

@@ -341,9 +341,7 @@ impl Body for Pooled {
                 Ok(None) => {}
                 Err(e) => return this.broken(cx, e.into()),
             }
-            if conn.buf.capacity() - conn.buf.len() < h1::READ_SIZE / 8 {
-                conn.buf.reserve(h1::READ_SIZE);
-            }
+            h1::make_room(&mut conn.buf);
             match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut conn.io),
                 cx,
