@@ -5,11 +5,19 @@
 //! values in batches. A heartbeat "from the future" (the wall clock stepped back) is pulled back
 //! to now when seen, so it ages out one window later instead of staying fresh for the size of the
 //! step.
+//!
+//! A beat, once made, is kept for the life of the process, as the map this replaces kept it: the
+//! records and their team ids live in leaked slabs, as the key usage records do, so a team entry
+//! holds a plain `&'static` reference and the registry's table one pointer a team. The map
+//! (`Arc<str>` to `Arc<Beat>`) cost about 140 heap bytes a team, this about 55 (`tests/memory.rs`,
+//! its heartbeats).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use hashbrown::HashTable;
+
+use super::keys::{Slab, Text};
 use crate::clock::UnixMillis;
 
 /// "Never seen".
@@ -18,12 +26,23 @@ pub const NEVER: UnixMillis = i64::MIN;
 /// One team's last heartbeat.
 #[derive(Debug)]
 pub struct Beat {
+    /// The team's id, in the registry's process-lifetime text.
+    team: &'static str,
     last_ms: AtomicI64,
     /// Whether the team must keep its heartbeat fresh (for the stale-teams metric).
     required: AtomicBool,
 }
 
 impl Beat {
+    /// A record not in use, filling a slab's free places.
+    fn blank() -> Beat {
+        Beat {
+            team: "",
+            last_ms: AtomicI64::new(NEVER),
+            required: AtomicBool::new(false),
+        }
+    }
+
     pub fn last(&self) -> UnixMillis {
         self.last_ms.load(Ordering::Acquire)
     }
@@ -48,23 +67,54 @@ impl Beat {
 /// All teams' heartbeats.
 #[derive(Debug, Default)]
 pub struct Heartbeats {
-    beats: Mutex<HashMap<Arc<str>, Arc<Beat>>>,
+    beats: Mutex<Beats>,
     dirty: AtomicBool,
 }
 
+#[derive(Debug, Default)]
+struct Beats {
+    by_team: HashTable<&'static Beat>,
+    hasher: ahash::RandomState,
+    records: Slab<Beat>,
+    text: Text,
+}
+
+impl Beats {
+    fn get(&self, team: &str) -> Option<&'static Beat> {
+        let h = self.hasher.hash_one(team);
+        self.by_team.find(h, |b| b.team == team).copied()
+    }
+
+    /// The beat of a team, made ("never", not required) on first use.
+    fn get_or_make(&mut self, team: &str) -> &'static Beat {
+        if let Some(b) = self.get(team) {
+            return b;
+        }
+        let team = self.text.copy_str(team);
+        let beat = self.records.put(
+            Beat {
+                team,
+                ..Beat::blank()
+            },
+            Beat::blank,
+        );
+        let Beats {
+            by_team, hasher, ..
+        } = self;
+        by_team.insert_unique(hasher.hash_one(team), beat, |b| hasher.hash_one(b.team));
+        beat
+    }
+}
+
 impl Heartbeats {
+    fn lock(&self) -> MutexGuard<'_, Beats> {
+        self.beats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The beat of a team, made ("never") on first use.
-    pub fn beat(&self, team: &str, required: bool) -> Arc<Beat> {
-        let mut map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
-        let beat = map
-            .entry(team.into())
-            .or_insert_with(|| {
-                Arc::new(Beat {
-                    last_ms: AtomicI64::new(NEVER),
-                    required: AtomicBool::new(required),
-                })
-            })
-            .clone();
+    pub fn beat(&self, team: &str, required: bool) -> &'static Beat {
+        let mut beats = self.lock();
+        let beat = beats.get_or_make(team);
         beat.required.store(required, Ordering::Relaxed);
         beat
     }
@@ -77,25 +127,20 @@ impl Heartbeats {
 
     /// Records a heartbeat for a team by id (admin API).
     pub fn record_team(&self, team: &str, now: UnixMillis) {
-        let map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
-        let beat = map.get(team).cloned();
-        drop(map);
-        let beat = beat.unwrap_or_else(|| self.beat(team, true));
-        self.record(&beat, now);
+        let known = self.lock().get(team);
+        let beat = known.unwrap_or_else(|| self.beat(team, true));
+        self.record(beat, now);
     }
 
     /// Loads persisted heartbeats (at start), keeping the newer of memory and disk. A team not
     /// known yet is not counted as required until its team record says so ([`Heartbeats::beat`]).
     pub fn restore(&self, saved: impl IntoIterator<Item = (String, UnixMillis)>) {
-        let mut map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        let mut beats = self.lock();
         for (team, at) in saved {
-            let beat = map.entry(team.into()).or_insert_with(|| {
-                Arc::new(Beat {
-                    last_ms: AtomicI64::new(NEVER),
-                    required: AtomicBool::new(false),
-                })
-            });
-            beat.last_ms.fetch_max(at, Ordering::AcqRel);
+            beats
+                .get_or_make(&team)
+                .last_ms
+                .fetch_max(at, Ordering::AcqRel);
         }
     }
 
@@ -114,23 +159,25 @@ impl Heartbeats {
 
     /// Every team's last heartbeat, "never" left out.
     pub fn all(&self) -> Vec<(String, UnixMillis)> {
-        let map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
-        map.iter()
-            .filter(|(_, b)| b.last() != NEVER)
-            .map(|(t, b)| (t.to_string(), b.last()))
+        self.lock()
+            .by_team
+            .iter()
+            .filter(|b| b.last() != NEVER)
+            .map(|b| (b.team.to_owned(), b.last()))
             .collect()
     }
 
     /// The last heartbeat of a team, if any.
     pub fn last(&self, team: &str) -> Option<UnixMillis> {
-        let map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
-        map.get(team).map(|b| b.last()).filter(|&t| t != NEVER)
+        let beat = self.lock().get(team);
+        beat.map(|b| b.last()).filter(|&t| t != NEVER)
     }
 
     /// Teams that must send heartbeats and whose last one is older than the window.
     pub fn stale(&self, now: UnixMillis, window_ms: i64) -> usize {
-        let map = self.beats.lock().unwrap_or_else(|e| e.into_inner());
-        map.values()
+        self.lock()
+            .by_team
+            .iter()
             .filter(|b| b.required.load(Ordering::Relaxed) && !b.fresh(now, window_ms))
             .count()
     }
@@ -147,7 +194,7 @@ mod tests {
         let hb = Heartbeats::default();
         let b = hb.beat("t", true);
         assert!(!b.fresh(0, 48 * H), "never seen is stale");
-        hb.record(&b, 1_000);
+        hb.record(b, 1_000);
         assert!(b.fresh(1_000 + 48 * H, 48 * H));
         assert!(!b.fresh(1_001 + 48 * H, 48 * H));
         assert_eq!(hb.stale(1_001 + 48 * H, 48 * H), 1);
@@ -158,7 +205,7 @@ mod tests {
     fn clock_stepping_back_does_not_keep_a_beat_fresh_forever() {
         let hb = Heartbeats::default();
         let b = hb.beat("t", true);
-        hb.record(&b, 1_000 * H);
+        hb.record(b, 1_000 * H);
         // The wall clock steps back a week.
         let now = 1_000 * H - 168 * H;
         assert!(b.fresh(now, 48 * H));

@@ -71,13 +71,17 @@ pub fn digest(key: &[u8]) -> Digest {
 }
 
 /// A team as resolved for one config snapshot.
+///
+/// Its id and plan name are the bytes of its two header values ([`Names`]) and its beat is the
+/// heartbeat registry's record, all kept for the life of the process: plain references, where
+/// the entry used to hold its own copy of the id and count references to the plan and beat.
 pub struct TeamEntry {
-    pub id: Arc<str>,
-    pub plan: Arc<str>,
+    pub id: Name,
+    pub plan: Name,
     pub limits: Arc<LimitSet>,
     /// The team's buckets when limits are keyed by team (shared by all its keys), else empty.
     pub buckets: Buckets,
-    pub beat: Arc<Beat>,
+    pub beat: &'static Beat,
     pub heartbeat_required: bool,
     /// `x-keygate-team`, rendered once for the life of the process ([`Names`]).
     pub team_header: &'static HeaderValue,
@@ -307,7 +311,7 @@ impl UsageRegistry {
         if !header_text(key_id.as_bytes()) {
             return None;
         }
-        let id = std::str::from_utf8(u.text.copy(key_id.as_bytes())).ok()?;
+        let id = u.text.copy_str(key_id);
         let usage = u.records.put(
             KeyUsage {
                 id,
@@ -405,6 +409,52 @@ impl Names {
         by_text.insert_unique(h, value, |v| hasher.hash_one(v.as_bytes()));
         Some(value)
     }
+
+    /// `name` as text and as a header value, both over the same process-lifetime bytes; `None`
+    /// if it cannot be a header value.
+    pub fn get(&self, name: &str) -> Option<(Name, &'static HeaderValue)> {
+        let value = self.header(name)?;
+        // The value's bytes are a copy of `name`'s, so UTF-8.
+        Some((Name(std::str::from_utf8(value.as_bytes()).ok()?), value))
+    }
+}
+
+/// A team id or plan name as a team entry holds it: text kept for the life of the process
+/// ([`Names`]), read as a `str` as the `Arc<str>` it replaces was, with no count to keep.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Name(&'static str);
+
+impl Name {
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl From<&'static str> for Name {
+    fn from(s: &'static str) -> Name {
+        Name(s)
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+
+    #[inline]
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.0, f)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
 }
 
 /// What `HeaderValue::from_bytes` accepts, checked without its copy.
@@ -415,7 +465,7 @@ fn header_text(b: &[u8]) -> bool {
 /// Values that live as long as the process, in leaked chunks: one allocation per chunk instead
 /// of one per value, and `&'static` references to hand out.
 #[derive(Debug)]
-struct Slab<T: 'static> {
+pub(super) struct Slab<T: 'static> {
     free: &'static mut [T],
     chunk: usize,
 }
@@ -430,7 +480,7 @@ impl<T> Default for Slab<T> {
 }
 
 impl<T> Slab<T> {
-    fn put(&mut self, value: T, blank: fn() -> T) -> &'static T {
+    pub(super) fn put(&mut self, value: T, blank: fn() -> T) -> &'static T {
         if self.free.is_empty() {
             // Small at first (tests make many registries), then 1,024 values a chunk.
             self.chunk = (self.chunk * 2).clamp(16, 1024);
@@ -447,7 +497,7 @@ impl<T> Slab<T> {
 
 /// Byte strings that live as long as the process, packed into leaked 4 KiB chunks.
 #[derive(Debug, Default)]
-struct Text {
+pub(super) struct Text {
     free: &'static mut [u8],
 }
 
@@ -465,6 +515,13 @@ impl Text {
         head.copy_from_slice(s);
         self.free = rest;
         head
+    }
+
+    pub(super) fn copy_str(&mut self, s: &str) -> &'static str {
+        match std::str::from_utf8(self.copy(s.as_bytes())) {
+            Ok(s) => s,
+            Err(_) => unreachable!("a copy of a str's bytes is UTF-8"),
+        }
     }
 }
 

@@ -7,6 +7,14 @@
 //! keyed limiter per quota; its DashMap shard locks were shared between threads on every check
 //! and the hot path stopped scaling with cores — see BENCHMARKS.md.)
 //!
+//! Beside its limiter a bucket holds a pointer to its quota (made once per limit set and shared
+//! by every bucket under it) and the id it is found by, borrowed from a process-lifetime registry
+//! (the gate's names or the key usage records), so it is its own key in the registry's table: a
+//! slot is one pointer. The registry used to be a map keyed by a copy of the quota and an `Arc` of
+//! the id (48-byte slots, and for limits keyed by key an id allocated per key), with the quota
+//! copied into each bucket too: its cells cost about 100 heap bytes a team, they now cost about
+//! 18 (`tests/memory.rs`).
+//!
 //! The registry lives outside config snapshots and the key cache: a reload that keeps a quota
 //! keeps its buckets, and a cache eviction never hands a team a fresh bucket. [`LimiterRegistry::prune`]
 //! drops a bucket only when no entry holds it (a declared team's entry, in the snapshot, always
@@ -14,7 +22,6 @@
 //! idle long enough to have refilled completely — so dropping it changes nothing a client could
 //! observe.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +30,8 @@ use std::time::Duration;
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::nanos::Nanos;
 use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota, RateLimiter};
+use governor::RateLimiter;
+use hashbrown::HashTable;
 use http::HeaderValue;
 
 use super::denial::RateInfo;
@@ -32,54 +40,84 @@ use crate::config::LimitSpec;
 
 type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddleware>;
 
+/// A quota as its buckets are made and checked under it: made once per limit set, shared by all
+/// the buckets under it.
+#[derive(Debug)]
+struct Quota {
+    spec: LimitSpec,
+    /// The spec as governor's quota, worked out once: each new bucket's limiter copies it.
+    governor: governor::Quota,
+}
+
+impl Quota {
+    fn new(spec: LimitSpec) -> Quota {
+        let interval = (spec.per / spec.requests.max(1)).max(Duration::from_nanos(1));
+        let burst = NonZeroU32::new(spec.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        Quota {
+            spec,
+            governor: governor::Quota::with_period(interval)
+                .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN))
+                .allow_burst(burst),
+        }
+    }
+}
+
 /// One token bucket.
 #[derive(Debug)]
 pub struct Bucket {
-    spec: LimitSpec,
+    quota: Arc<Quota>,
+    /// The team or key id it applies to, in a process-lifetime registry (the gate's names or
+    /// usage records), so the bucket is its own registry key with no copy of the id.
+    owner: &'static str,
     limiter: Direct,
     /// Monotonic nanoseconds of the last check, for pruning.
     last_used: AtomicU64,
-}
-
-fn quota(spec: &LimitSpec) -> Quota {
-    let interval = (spec.per / spec.requests.max(1)).max(Duration::from_nanos(1));
-    let burst = NonZeroU32::new(spec.burst.max(1)).unwrap_or(NonZeroU32::MIN);
-    Quota::with_period(interval)
-        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-        .allow_burst(burst)
 }
 
 /// All buckets, by (quota, team or key id).
 #[derive(Debug)]
 pub struct LimiterRegistry {
     clock: Clock,
-    buckets: Mutex<HashMap<BucketKey, Arc<Bucket>>>,
+    buckets: Mutex<Table>,
 }
 
-/// A quota and the team or key id it is applied to.
-type BucketKey = (LimitSpec, Arc<str>);
+/// The buckets, each found by its own quota and owner: a slot is one pointer (a map keyed by
+/// a copy of both took 48 bytes a slot).
+#[derive(Debug, Default)]
+struct Table {
+    by_key: HashTable<Arc<Bucket>>,
+    hasher: ahash::RandomState,
+}
 
 impl LimiterRegistry {
     pub fn new(clock: Clock) -> Self {
         LimiterRegistry {
             clock,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::default(),
         }
     }
 
-    /// The buckets of `key` under `set`'s limits, made on first use.
-    pub fn buckets(&self, set: &LimitSet, key: &Arc<str>) -> Buckets {
-        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+    /// The buckets of `owner` (a team or key id) under `set`'s limits, made on first use.
+    pub fn buckets(&self, set: &LimitSet, owner: &'static str) -> Buckets {
+        let mut table = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Table { by_key, hasher } = &mut *table;
         let all: Vec<Arc<Bucket>> = set
-            .specs
+            .quotas
             .iter()
-            .map(|spec| {
-                map.entry((*spec, key.clone()))
+            .map(|quota| {
+                let spec = &quota.spec;
+                by_key
+                    .entry(
+                        hasher.hash_one((spec, owner)),
+                        |b| b.quota.spec == *spec && b.owner == owner,
+                        |b| hasher.hash_one((&b.quota.spec, b.owner)),
+                    )
                     .or_insert_with(|| {
                         Arc::new(Bucket {
-                            spec: *spec,
+                            quota: quota.clone(),
+                            owner,
                             limiter: RateLimiter::<_, _, _, NoOpMiddleware<Nanos>>::new(
-                                quota(spec),
+                                quota.governor,
                                 InMemoryState::default(),
                                 self.clock.clone(),
                             )
@@ -87,6 +125,7 @@ impl LimiterRegistry {
                             last_used: AtomicU64::new(0),
                         })
                     })
+                    .get()
                     .clone()
             })
             .collect();
@@ -116,7 +155,7 @@ impl LimiterRegistry {
         Arc::new(LimitSet {
             name: name.into(),
             policy_header: HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("")),
-            specs: specs.to_vec(),
+            quotas: specs.iter().map(|s| Arc::new(Quota::new(*s))).collect(),
         })
     }
 
@@ -124,20 +163,26 @@ impl LimiterRegistry {
     /// again. Returns the buckets kept.
     pub fn prune(&self) -> usize {
         let now = self.clock.monotonic().as_nanos() as u64;
-        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|(spec, _), b| {
+        let mut table = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let Table { by_key, hasher } = &mut *table;
+        by_key.retain(|b| {
+            let spec = &b.quota.spec;
             let refill = (spec.per.as_nanos() as u64 / spec.requests.max(1) as u64)
                 .saturating_mul(spec.burst as u64);
             let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
             Arc::strong_count(b) > 1 || idle <= refill
         });
-        map.shrink_to_fit();
-        map.len()
+        by_key.shrink_to_fit(|b| hasher.hash_one((&b.quota.spec, b.owner)));
+        by_key.len()
     }
 
     /// Buckets held.
     pub fn len(&self) -> usize {
-        self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_key
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -184,12 +229,12 @@ pub struct LimitSet {
     pub name: Arc<str>,
     /// `RateLimit-Policy` for this set, rendered once.
     pub policy_header: HeaderValue,
-    specs: Vec<LimitSpec>,
+    quotas: Box<[Arc<Quota>]>,
 }
 
 impl LimitSet {
     pub fn specs(&self) -> impl Iterator<Item = &LimitSpec> {
-        self.specs.iter()
+        self.quotas.iter().map(|q| &q.spec)
     }
 }
 
@@ -206,7 +251,7 @@ pub fn check(
 ) -> Result<Option<RateInfo>, RateInfo> {
     let mut tightest: Option<RateInfo> = None;
     for b in buckets {
-        let spec = &b.spec;
+        let spec = &b.quota.spec;
         let interval = spec.per.as_secs_f64() / spec.requests as f64;
         let result = b.limiter.check();
         b.last_used.store(now_ns, Ordering::Relaxed);
@@ -260,7 +305,7 @@ mod tests {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set("free", &[spec(100, 3600, 100)]);
-        let team = reg.buckets(&set, &"t".into());
+        let team = reg.buckets(&set, "t");
         for i in 0..100 {
             let info = check(&team, &clock, ns(&clock)).unwrap().unwrap();
             assert_eq!(info.remaining, 99 - i);
@@ -277,7 +322,7 @@ mod tests {
         );
         assert!(check(&team, &clock, ns(&clock)).is_err());
         // Another team has its own bucket.
-        assert!(check(&reg.buckets(&set, &"u".into()), &clock, ns(&clock)).is_ok());
+        assert!(check(&reg.buckets(&set, "u"), &clock, ns(&clock)).is_ok());
     }
 
     #[test]
@@ -285,7 +330,7 @@ mod tests {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set("basic", &[spec(100, 60, 20)]);
-        let k = reg.buckets(&set, &"k".into());
+        let k = reg.buckets(&set, "k");
         let passed = (0..50)
             .filter(|_| check(&k, &clock, ns(&clock)).is_ok())
             .count();
@@ -300,7 +345,7 @@ mod tests {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set("ent", &[spec(1000, 3600, 1000), spec(10, 60, 2)]);
-        let k = reg.buckets(&set, &"k".into());
+        let k = reg.buckets(&set, "k");
         assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 1);
         assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 0);
         let denied = check(&k, &clock, ns(&clock)).unwrap_err();
@@ -312,9 +357,9 @@ mod tests {
     fn buckets_survive_new_sets_and_prune_only_drops_idle_unheld_ones() {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let a = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
+        let a = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), "t");
         // A reload builds a new set with the same quota: same bucket.
-        let b = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
+        let b = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), "t");
         check(&a, &clock, ns(&clock)).unwrap();
         check(&b, &clock, ns(&clock)).unwrap();
         assert!(
@@ -327,7 +372,7 @@ mod tests {
             1,
             "not yet refilled: kept even though nothing holds it"
         );
-        let c = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), &"t".into());
+        let c = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), "t");
         assert!(
             check(&c, &clock, ns(&clock)).is_err(),
             "evicted entries do not reset the bucket"

@@ -464,7 +464,7 @@ impl Gate {
             None
         };
         if route.heartbeat == HeartbeatRule::Record {
-            self.heartbeats.record(&entry.team.beat, now.wall_ms);
+            self.heartbeats.record(entry.team.beat, now.wall_ms);
         }
         entry.usage.hit(now.wall_ms);
         Check::Granted(Grant {
@@ -547,9 +547,7 @@ impl Gate {
             .ok_or(LoadError::Unknown)?;
         let buckets = match snap.config.limits.key_by {
             LimitKey::Team => Buckets::None,
-            LimitKey::Key => self
-                .limiters
-                .buckets(&team.limits, &k.key_id.as_str().into()),
+            LimitKey::Key => self.limiters.buckets(&team.limits, usage.key_id()),
         };
         Ok(KeyEntry::new(
             team,
@@ -645,17 +643,15 @@ fn make_team(
     key_by: LimitKey,
     r: Registries<'_>,
 ) -> Option<Arc<TeamEntry>> {
-    let plan: Arc<str> = if named_plan {
-        limits.name.clone()
-    } else {
-        "custom".into()
-    };
-    let id: Arc<str> = id.into();
+    let (id, team_header) = r.names.get(id)?;
+    let (plan, plan_header) = r
+        .names
+        .get(if named_plan { &limits.name } else { "custom" })?;
     Some(Arc::new(TeamEntry {
-        team_header: r.names.header(&id)?,
-        plan_header: r.names.header(&plan)?,
+        team_header,
+        plan_header,
         buckets: match key_by {
-            LimitKey::Team => r.limiters.buckets(&limits, &id),
+            LimitKey::Team => r.limiters.buckets(&limits, id.as_str()),
             LimitKey::Key => Buckets::None,
         },
         plan,
