@@ -62,6 +62,9 @@ pub const CHUNK: usize = 64 * 1024;
 pub struct Seen {
     /// Requests whose head reached the upstream.
     pub hits: AtomicUsize,
+    /// Connections accepted and not yet ended: once a connection has ended, every request it
+    /// carried is in `hits`.
+    pub open: AtomicUsize,
     /// `/upload` bodies read to the end.
     pub uploads_done: AtomicUsize,
     pub last_headers: Mutex<Option<HeaderMap>>,
@@ -76,6 +79,7 @@ impl Default for Seen {
     fn default() -> Self {
         Seen {
             hits: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             uploads_done: AtomicUsize::new(0),
             last_headers: Mutex::new(None),
             last_path: Mutex::new(None),
@@ -120,12 +124,15 @@ impl Upstream {
                     continue;
                 };
                 let s = s.clone();
+                s.open.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
+                    let seen = s.clone();
                     let svc = service_fn(move |req| upstream_handle(s.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
+                    seen.open.fetch_sub(1, Ordering::SeqCst);
                 });
             }
         });
@@ -139,6 +146,11 @@ impl Upstream {
     /// Requests that reached the upstream so far.
     pub fn hits(&self) -> usize {
         self.seen.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections open to the upstream now.
+    pub fn open_connections(&self) -> usize {
+        self.seen.open.load(Ordering::SeqCst)
     }
 
     /// The headers of the last request that reached the upstream.
@@ -815,8 +827,9 @@ impl Keygate {
     }
 }
 
-/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`. Only for what another
-/// process does (the CLI); in-process behaviour is driven without waiting.
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`. Only for what the test
+/// does not drive (another process such as the CLI, or keygate's own worker finishing with an
+/// upstream connection); in-process behaviour is driven without waiting.
 pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
