@@ -158,9 +158,9 @@ path = "/*"
         };
         // The identity headers the proxy clones onto the forwarded request.
         let k = g.key.unwrap();
-        forwarded.insert("x-keygate-team", k.team.team_header.clone());
+        forwarded.insert("x-keygate-team", k.team_header.clone());
         forwarded.insert("x-keygate-key-id", k.key_id_header());
-        forwarded.insert("x-keygate-plan", k.team.plan_header.clone());
+        forwarded.insert("x-keygate-plan", k.plan_header.clone());
         forwarded.clear();
     };
 

@@ -18,8 +18,9 @@
 //!   It is up to [`SHARDS`] shards picked by a digest byte, each a lock over an index
 //!   (`hashbrown::HashTable<u32>`) into a slab of slots with a free list. A read takes one
 //!   shard's read lock, finds the slot, sets its *referenced* bit if not set yet (so a hot
-//!   key's line is not written on every read) and clones the entry (one count on its team's
-//!   `Arc`); `benches/auth_check` measures it no slower than the mirror. An
+//!   key's line is not written on every read) and lets the gate decide on the entry in place
+//!   ([`KeyCache::with_hit`]), so a hit touches no reference count; `benches/auth_check`
+//!   measures it no slower than the mirror. An
 //!   insert at the shard's capacity (`cache.capacity` / shards, so a cache whose shards fill
 //!   unevenly evicts a little before `cache.capacity` keys) evicts with CLOCK: the hand clears
 //!   referenced bits and takes the first slot that is unreferenced or expired. Entries expire
@@ -87,6 +88,10 @@ pub struct TeamEntry {
     pub team_header: &'static HeaderValue,
     /// `x-keygate-plan`, rendered once for the life of the process ([`Names`]).
     pub plan_header: &'static HeaderValue,
+    /// `RateLimit-Policy` of its limits, and their name as `RateLimit` gives it, rendered once
+    /// for the life of the process ([`Names`]) so that a [`KeyView`] can carry them.
+    pub policy_header: &'static HeaderValue,
+    pub limits_name: &'static HeaderValue,
 }
 
 impl std::fmt::Debug for TeamEntry {
@@ -100,8 +105,9 @@ impl std::fmt::Debug for TeamEntry {
 
 /// A cached key: what the policy step needs, and nothing that could reveal the key.
 ///
-/// Held by value in its cache slot (no allocation of its own) and cloned for each request
-/// that uses it: a clone is one reference count on the team (and on the extras, if any).
+/// Held by value in its cache slot (no allocation of its own). The gate decides on it in place
+/// and hands the proxy a [`KeyView`]; a clone (one reference count on the team, and on the
+/// extras if any) is made only for the usage answer.
 #[derive(Clone)]
 pub struct KeyEntry {
     pub team: Arc<TeamEntry>,
@@ -126,6 +132,32 @@ impl std::fmt::Debug for KeyEntry {
             .field("key_id", &self.key_id())
             .field("team", &self.team.id)
             .finish_non_exhaustive()
+    }
+}
+
+/// What the proxy needs of a key once the gate has decided: its identity headers and its
+/// limits' names, all kept for the life of the process. Holding it touches no reference count:
+/// when every granted request held a clone of its [`KeyEntry`], the team's count was written
+/// twice per request, and two threads granting keys took that line from each other's cache
+/// (the largest cost left in `benches/auth_check` with two threads; BENCHMARKS.md).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyView {
+    pub usage: &'static KeyUsage,
+    /// `x-keygate-team`.
+    pub team_header: &'static HeaderValue,
+    /// `x-keygate-plan`.
+    pub plan_header: &'static HeaderValue,
+    /// `RateLimit-Policy`.
+    pub policy_header: &'static HeaderValue,
+    /// The limits' name in `RateLimit`.
+    pub limits_name: &'static HeaderValue,
+}
+
+impl KeyView {
+    /// `x-keygate-key-id`: over the id's process-lifetime bytes, so no allocation.
+    #[inline]
+    pub fn key_id_header(&self) -> HeaderValue {
+        self.usage.header()
     }
 }
 
@@ -165,6 +197,17 @@ impl KeyEntry {
     #[inline]
     pub fn key_id_header(&self) -> HeaderValue {
         self.usage.header()
+    }
+
+    #[inline]
+    pub fn view(&self) -> KeyView {
+        KeyView {
+            usage: self.usage,
+            team_header: self.team.team_header,
+            plan_header: self.team.plan_header,
+            policy_header: self.team.policy_header,
+            limits_name: self.team.limits_name,
+        }
     }
 
     /// The plan's buckets for this key: its own, or its team's.
@@ -862,6 +905,19 @@ impl KeyCache {
 
     #[inline]
     fn get_positive(&self, d: &Digest, now_ns: u64) -> Option<KeyEntry> {
+        self.with_hit(d, now_ns, KeyEntry::clone)
+    }
+
+    /// `f` of a live cached entry, in place: under the shard's read lock, which is a write to
+    /// this thread's own counter only, so `f` must be short and must not block (the gate's
+    /// policy step: a few comparisons and one CAS per bucket). `None` on a miss.
+    #[inline]
+    pub fn with_hit<R>(
+        &self,
+        d: &Digest,
+        now_ns: u64,
+        f: impl FnOnce(&KeyEntry) -> R,
+    ) -> Option<R> {
         let shard = self.shard(d).read().unwrap_or_else(PoisonError::into_inner);
         let slot = &shard.slots[shard.find(d)?];
         if expired(now_ns, slot.expires_s) {
@@ -871,7 +927,13 @@ impl KeyCache {
         if !slot.referenced.load(Ordering::Relaxed) {
             slot.referenced.store(true, Ordering::Relaxed);
         }
-        slot.entry.clone()
+        slot.entry.as_ref().map(f)
+    }
+
+    /// Whether the digest is cached as not a key.
+    #[inline]
+    pub fn known_unknown(&self, d: &Digest) -> bool {
+        self.negative.contains_key(d)
     }
 
     /// Loads a digest, once per digest however many callers wait: the first runs `init`, the

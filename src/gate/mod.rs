@@ -38,10 +38,10 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderValue, Method};
 
 pub use denial::{Denial, ErrorBodies, RateInfo};
-pub use keys::{Digest, KeyEntry, TeamEntry};
+pub use keys::{Digest, KeyEntry, KeyView, TeamEntry};
 
 use crate::clock::{Clock, Now, UnixMillis};
 use crate::config::{Config, HeartbeatRule, LimitKey, TeamPlan};
@@ -49,9 +49,9 @@ use crate::metrics::{Metrics, Striped};
 use crate::store::{KeyStore, StoreError, StoredKey, StoredTeam};
 use credential::{CredentialRules, Found};
 use heartbeat::Heartbeats;
-use keys::{Cached, KeyCache, LoadError, Names, UsageRegistry};
+use keys::{KeyCache, LoadError, Names, UsageRegistry};
 use limits::{Buckets, LimitSet, LimiterRegistry};
-use route::{Miss, RouteTable};
+use route::{Matched, Miss, RouteTable};
 
 /// The parts of a request the gate looks at.
 #[derive(Debug, Clone, Copy)]
@@ -67,9 +67,11 @@ pub struct RequestHead<'a> {
 pub struct Grant {
     pub route: u16,
     /// `None` on public routes.
-    pub key: Option<KeyEntry>,
+    pub key: Option<KeyView>,
     /// The rate-limit state, when the route is rate limited.
     pub rate: Option<RateInfo>,
+    /// The whole entry, on the usage route only (its answer reads the limits, expiry, …).
+    pub entry: Option<KeyEntry>,
 }
 
 /// The outcome of [`Gate::check`].
@@ -80,7 +82,7 @@ pub enum Check {
     /// `route` when a route had matched (for metrics).
     Denied {
         denial: Denial,
-        key: Option<KeyEntry>,
+        key: Option<KeyView>,
         route: Option<u16>,
     },
     /// The key is not cached: load it ([`Gate::load`]) and [`Gate::resume`].
@@ -88,7 +90,7 @@ pub enum Check {
 }
 
 impl Check {
-    fn denied(denial: Denial, key: Option<KeyEntry>, route: Option<u16>) -> Check {
+    fn denied(denial: Denial, key: Option<KeyView>, route: Option<u16>) -> Check {
         Check::Denied { denial, key, route }
     }
 }
@@ -387,6 +389,7 @@ impl Gate {
                 route: matched.index,
                 key: None,
                 rate: None,
+                entry: None,
             });
         }
         let presented = match snap.credentials.find(head.headers) {
@@ -394,71 +397,79 @@ impl Gate {
             Found::Missing => return Check::denied(Denial::MissingKey, None, Some(matched.index)),
             Found::Invalid => return self.failed_auth(head.peer, matched.index),
         };
-        let entry = match loaded {
-            Some(Ok(e)) => e,
-            Some(Err(LoadError::Unknown)) => return self.failed_auth(head.peer, matched.index),
+        let decide = |entry: &KeyEntry| self.decide(snap, head, now, &matched, entry);
+        match loaded {
+            Some(Ok(e)) => decide(&e),
+            Some(Err(LoadError::Unknown)) => self.failed_auth(head.peer, matched.index),
             Some(Err(LoadError::Store(_))) => {
-                return Check::denied(Denial::StoreUnavailable, None, Some(matched.index))
+                Check::denied(Denial::StoreUnavailable, None, Some(matched.index))
             }
             None => {
                 let d = keys::digest(presented.bytes);
-                match self.cache.get(&d, now.mono_ns) {
-                    Cached::Hit(e) => {
-                        self.metrics.cache_hit.inc();
-                        e
-                    }
-                    Cached::KnownUnknown => {
-                        self.metrics.cache_negative_hit.inc();
-                        if let Some(d) = self.admit_uncached(head.peer) {
-                            return Check::denied(d, None, Some(matched.index));
-                        }
-                        return self.failed_auth(head.peer, matched.index);
-                    }
-                    Cached::Miss => {
-                        self.metrics.cache_miss.inc();
-                        if let Some(d) = self.admit_uncached(head.peer) {
-                            return Check::denied(d, None, Some(matched.index));
-                        }
-                        return Check::Lookup(d);
-                    }
+                // Decided in place: the entry is not cloned out of its slot.
+                if let Some(c) = self.cache.with_hit(&d, now.mono_ns, decide) {
+                    self.metrics.cache_hit.inc();
+                    return c;
                 }
+                if self.cache.known_unknown(&d) {
+                    self.metrics.cache_negative_hit.inc();
+                    if let Some(d) = self.admit_uncached(head.peer) {
+                        return Check::denied(d, None, Some(matched.index));
+                    }
+                    return self.failed_auth(head.peer, matched.index);
+                }
+                self.metrics.cache_miss.inc();
+                if let Some(d) = self.admit_uncached(head.peer) {
+                    return Check::denied(d, None, Some(matched.index));
+                }
+                Check::Lookup(d)
             }
-        };
+        }
+    }
+
+    /// Steps 4 to 6 for a known key: policy, heartbeat, limits; and its use counted if granted.
+    /// Runs under the key cache's read lock on a hit, so nothing here may block.
+    #[inline]
+    fn decide(
+        &self,
+        snap: &Snapshot,
+        head: &RequestHead<'_>,
+        now: Now,
+        matched: &Matched<'_>,
+        entry: &KeyEntry,
+    ) -> Check {
+        let index = matched.index;
+        let route = &snap.routes.get(index).config;
+        let refuse = |d: Denial| Check::denied(d, Some(entry.view()), Some(index));
         // 4. policy
         if entry.is_dead(now.wall_ms) {
-            return self.failed_auth(head.peer, matched.index);
+            return self.failed_auth(head.peer, index);
         }
         if !route.environments.is_empty()
             && !entry
                 .environment()
                 .is_some_and(|e| route.environments.iter().any(|r| r == e))
         {
-            return Check::denied(Denial::AccessDenied, Some(entry), Some(matched.index));
+            return refuse(Denial::AccessDenied);
         }
         if route.team_param.is_some() && matched.team_param != Some(&*entry.team.id) {
-            return Check::denied(Denial::AccessDenied, Some(entry), Some(matched.index));
+            return refuse(Denial::AccessDenied);
         }
         if !entry.has_scopes(&route.scopes) {
-            return Check::denied(Denial::InsufficientScope, Some(entry), Some(matched.index));
+            return refuse(Denial::InsufficientScope);
         }
         // 5. heartbeat
         if route.heartbeat == HeartbeatRule::Required
             && entry.team.heartbeat_required
             && !entry.team.beat.fresh(now.wall_ms, snap.heartbeat_window_ms)
         {
-            return Check::denied(Denial::PluginRequired, Some(entry), Some(matched.index));
+            return refuse(Denial::PluginRequired);
         }
         // 6. limits
         let rate = if route.rate_limited {
             match limits::check(entry.buckets(), &self.clock, now.mono_ns) {
                 Ok(info) => info,
-                Err(info) => {
-                    return Check::denied(
-                        Denial::RateLimited(info),
-                        Some(entry),
-                        Some(matched.index),
-                    )
-                }
+                Err(info) => return refuse(Denial::RateLimited(info)),
             }
         } else {
             None
@@ -468,9 +479,10 @@ impl Gate {
         }
         entry.usage.hit(now.wall_ms);
         Check::Granted(Grant {
-            route: matched.index,
-            key: Some(entry),
+            route: index,
+            key: Some(entry.view()),
             rate,
+            entry: route.usage.then(|| entry.clone()),
         })
     }
 
@@ -647,9 +659,14 @@ fn make_team(
     let (plan, plan_header) = r
         .names
         .get(if named_plan { &limits.name } else { "custom" })?;
+    // A name that cannot be a header value (a control character) was rendered empty before.
+    static EMPTY: HeaderValue = HeaderValue::from_static("");
+    let policy = std::str::from_utf8(limits.policy_header.as_bytes()).unwrap_or("");
     Some(Arc::new(TeamEntry {
         team_header,
         plan_header,
+        policy_header: r.names.header(policy).unwrap_or(&EMPTY),
+        limits_name: r.names.header(&limits.name).unwrap_or(&EMPTY),
         buckets: match key_by {
             LimitKey::Team => r.limiters.buckets(&limits, id.as_str()),
             LimitKey::Key => Buckets::None,

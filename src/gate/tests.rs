@@ -537,7 +537,7 @@ fn structured_errors_and_team_custom_limits() {
         )
         .unwrap();
     let g = f.check(Method::GET, "/x", Some(&key)).unwrap();
-    assert_eq!(&*g.key.unwrap().team.plan, "custom");
+    assert_eq!(g.key.unwrap().plan_header, "custom");
     assert!(matches!(
         f.check(Method::GET, "/x", Some(&key)),
         Err(Denial::RateLimited(_))
@@ -571,13 +571,23 @@ fn only_in_memory_stores_load_on_the_async_worker() {
     assert!(declared_only.loads_inline());
 }
 
+/// The cache's entry for `key` (a clone: it holds the team as a request's usage answer does).
+fn cached(f: &Fixture, key: &str) -> KeyEntry {
+    let now_ns = f.gate.clock.monotonic().as_nanos() as u64;
+    f.gate
+        .cache
+        .with_hit(&keys::digest(key.as_bytes()), now_ns, KeyEntry::clone)
+        .expect("cached")
+}
+
 #[test]
 fn a_store_teams_keys_share_one_team_entry_which_prune_drops_once_unheld() {
     let f = fixture("");
     let (a, _) = f.issue("acme", &[], None);
     let (b, _) = f.issue("acme", &[], None);
-    let ka = f.check(Method::GET, "/x", Some(&a)).unwrap().key.unwrap();
-    let kb = f.check(Method::GET, "/x", Some(&b)).unwrap().key.unwrap();
+    f.check(Method::GET, "/x", Some(&a)).unwrap();
+    f.check(Method::GET, "/x", Some(&b)).unwrap();
+    let (ka, kb) = (cached(&f, &a), cached(&f, &b));
     assert!(
         Arc::ptr_eq(&ka.team, &kb.team),
         "one team entry for both keys"
@@ -590,7 +600,8 @@ fn a_store_teams_keys_share_one_team_entry_which_prune_drops_once_unheld() {
     // A changed team must not be served from the table: invalidate_all forgets it.
     f.gate.invalidate_all();
     assert_eq!(f.gate.teams_held(), 0);
-    let again = f.check(Method::GET, "/x", Some(&a)).unwrap().key.unwrap();
+    f.check(Method::GET, "/x", Some(&a)).unwrap();
+    let again = cached(&f, &a);
     assert!(!Arc::ptr_eq(&again.team, &ka.team), "resolved anew");
     f.gate.prune();
     assert_eq!(f.gate.teams_held(), 1, "held by a cached key: kept");

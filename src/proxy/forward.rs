@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::gate::KeyEntry;
+use crate::gate::KeyView;
 use http::header::{self, HeaderName};
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, HeaderValue, Uri};
@@ -132,7 +132,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, framing: bool) {
 /// Everything the request hygiene needs besides the headers.
 pub struct Forwarding<'a> {
     pub credential_headers: &'a [&'static HeaderName],
-    pub key: Option<&'a KeyEntry>,
+    pub key: Option<&'a KeyView>,
     pub peer: &'a HeaderValue,
     pub proto: &'static str,
     pub trust_forwarded: bool,
@@ -194,9 +194,9 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
         headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
     }
     if let Some(k) = f.key {
-        headers.insert(X_KEYGATE_TEAM.clone(), k.team.team_header.clone());
+        headers.insert(X_KEYGATE_TEAM.clone(), k.team_header.clone());
         headers.insert(X_KEYGATE_KEY_ID.clone(), k.key_id_header());
-        headers.insert(X_KEYGATE_PLAN.clone(), k.team.plan_header.clone());
+        headers.insert(X_KEYGATE_PLAN.clone(), k.plan_header.clone());
     }
 }
 

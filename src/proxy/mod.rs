@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 
 use crate::clock::{Now, Stopwatch};
 use crate::gate::keys::LoadError;
-use crate::gate::{Check, Denial, Gate, Grant, KeyEntry, Outcome, RateInfo, RequestHead, Snapshot};
+use crate::gate::{Check, Denial, Gate, Grant, KeyView, Outcome, RateInfo, RequestHead, Snapshot};
 use body::{BodyFate, GuardedBody};
 use forward::{Forwarding, RequestIds, Target, X_REQUEST_ID};
 
@@ -441,7 +441,7 @@ impl Proxy {
         &self,
         snap: &Snapshot,
         d: Denial,
-        key: Option<&KeyEntry>,
+        key: Option<&KeyView>,
         close: bool,
     ) -> Response<ProxyBody> {
         let mut resp = Response::new(Either::Right(Full::new(snap.errors.body(d))));
@@ -476,7 +476,7 @@ impl Proxy {
 
     /// The self-service usage answer: the caller's own key, plan, limits and heartbeat.
     fn usage(&self, grant: &Grant, now: Now) -> Response<ProxyBody> {
-        let Some(k) = &grant.key else {
+        let Some(k) = &grant.entry else {
             return Response::new(Either::Right(Full::new(Bytes::from_static(b"{}"))));
         };
         let usage = &k.usage;
@@ -504,7 +504,7 @@ impl Proxy {
             .insert(header::CONTENT_TYPE, JSON.clone());
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        rate_headers(resp.headers_mut(), k, grant.rate.as_ref());
+        rate_headers(resp.headers_mut(), &k.view(), grant.rate.as_ref());
         resp
     }
 }
@@ -539,19 +539,19 @@ pub fn millis_to_rfc3339(ms: i64) -> String {
 }
 
 /// `RateLimit-Policy`, `RateLimit` (the IETF draft's fields) and `X-RateLimit-*`.
-fn rate_headers(h: &mut http::HeaderMap, k: &KeyEntry, info: Option<&RateInfo>) {
-    let limits = &k.team.limits;
-    h.insert(RATELIMIT_POLICY.clone(), limits.policy_header.clone());
+fn rate_headers(h: &mut http::HeaderMap, k: &KeyView, info: Option<&RateInfo>) {
+    h.insert(RATELIMIT_POLICY.clone(), k.policy_header.clone());
     if let Some(i) = info {
         let t = if i.remaining == 0 {
             i.retry_after_secs.max(i.reset_secs)
         } else {
             i.reset_secs
         };
-        let ratelimit = values::render(limits.name.len() + 48, |b| {
+        let name = k.limits_name.as_bytes();
+        let ratelimit = values::render(name.len() + 48, |b| {
             let mut n = itoa::Buffer::new();
             b.extend_from_slice(b"\"");
-            b.extend_from_slice(limits.name.as_bytes());
+            b.extend_from_slice(name);
             b.extend_from_slice(b"\";r=");
             b.extend_from_slice(n.format(i.remaining).as_bytes());
             b.extend_from_slice(b";t=");

@@ -44,6 +44,8 @@ impl Keys {
                 heartbeat_required: false,
                 team_header: names.header("t").unwrap(),
                 plan_header: names.header("p").unwrap(),
+                policy_header: names.header("\"p\"").unwrap(),
+                limits_name: names.header("p").unwrap(),
             }),
         }
     }
