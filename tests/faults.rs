@@ -78,13 +78,7 @@ async fn resetting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 async fn an_upstream_reset_mid_response_cuts_that_response_and_its_connection_is_not_reused() {
     let (addr, accepted) = resetting_upstream().await;
     let kg = Keygate::start(&base_toml(addr)).await;
-    let resp = kg
-        .client
-        .get(kg.url("/api/x"))
-        .header("x-api-key", ALPHA_KEY)
-        .send()
-        .await
-        .unwrap();
+    let resp = kg.get_streamed("/api/x").await;
     assert_eq!(resp.status(), 200, "the head had already come");
     assert!(
         resp.bytes().await.is_err(),

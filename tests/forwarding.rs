@@ -32,13 +32,7 @@ async fn large_upload_streams_through() {
     let stream = futures_util::stream::iter(
         (0..chunk_count).map(move |_| Ok::<Bytes, Infallible>(chunk.clone())),
     );
-    let r = send(
-        kg.client
-            .post(kg.url("/api/upload"))
-            .header("x-api-key", ALPHA_KEY)
-            .body(reqwest::Body::wrap_stream(stream)),
-    )
-    .await;
+    let r = kg.upload(reqwest::Body::wrap_stream(stream)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.body["bytes"], TOTAL);
     assert_eq!(r.body["crc32"], expected_crc);
@@ -61,13 +55,7 @@ async fn large_response_streams_back() {
     const TOTAL: usize = 16 * MIB + 123;
     let up = Upstream::start().await;
     let kg = Keygate::start(&base_toml(up.addr)).await;
-    let resp = kg
-        .client
-        .get(kg.url(&format!("/api/big?bytes={TOTAL}")))
-        .header("x-api-key", ALPHA_KEY)
-        .send()
-        .await
-        .unwrap();
+    let resp = kg.get_streamed(&format!("/api/big?bytes={TOTAL}")).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("x-request-id").is_some());
     assert_eq!(resp.headers()["x-ratelimit-remaining"], "99");
@@ -98,13 +86,7 @@ async fn declared_body_over_the_limit_is_413() {
     let mut cfg = Cfg::new(up.addr);
     cfg.proxy.push("max_body_bytes = 1024".into());
     let kg = Keygate::start(&cfg.render()).await;
-    let r = send(
-        kg.client
-            .post(kg.url("/api/upload"))
-            .header("x-api-key", ALPHA_KEY)
-            .body(vec![7u8; 2048]),
-    )
-    .await;
+    let r = kg.upload(vec![7u8; 2048]).await;
     r.assert_error(413, r#"{"error":"Payload Too Large"}"#);
     assert_eq!(r.header("connection"), Some("close"));
     assert_eq!(
@@ -113,13 +95,7 @@ async fn declared_body_over_the_limit_is_413() {
         "the upstream must see nothing of a refused body"
     );
     // At the limit it passes.
-    let r = send(
-        kg.client
-            .post(kg.url("/api/upload"))
-            .header("x-api-key", ALPHA_KEY)
-            .body(vec![7u8; 1024]),
-    )
-    .await;
+    let r = kg.upload(vec![7u8; 1024]).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["bytes"], 1024);
 }
@@ -134,13 +110,7 @@ async fn streamed_body_over_the_limit_is_413() {
     let kg = Keygate::start(&cfg.render()).await;
     let stream =
         futures_util::stream::iter([Ok::<Bytes, Infallible>(Bytes::from(vec![1u8; 3000]))]);
-    let r = send(
-        kg.client
-            .post(kg.url("/api/upload"))
-            .header("x-api-key", ALPHA_KEY)
-            .body(reqwest::Body::wrap_stream(stream)),
-    )
-    .await;
+    let r = kg.upload(reqwest::Body::wrap_stream(stream)).await;
     r.assert_error(413, r#"{"error":"Payload Too Large"}"#);
     assert_eq!(
         up.seen

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::clock::Clock;
 use keygate::config::LimitSpec;
+use keygate::gate::keys::Names;
 use keygate::gate::limits::{check, LimiterRegistry};
 use keygate::proxy::forward::{request_headers, Forwarding};
 use proptest::prelude::*;
@@ -30,7 +31,7 @@ proptest! {
         let spec = LimitSpec { requests, per: Duration::from_millis(per_ms), burst };
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let set = reg.set("p", &[spec]);
+        let set = reg.set(&Names::default(), "p", &[spec]);
         let buckets = reg.buckets(&set, "k");
         let interval_ns = per_ms as f64 * 1e6 / requests as f64;
         let mut granted_at: Vec<u64> = Vec::new();
@@ -58,7 +59,7 @@ proptest! {
         let spec = LimitSpec { requests, per: Duration::from_secs(per_s), burst: requests };
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let buckets = reg.buckets(&reg.set("p", &[spec]), "k");
+        let buckets = reg.buckets(&reg.set(&Names::default(), "p", &[spec]), "k");
         for _ in 0..requests {
             prop_assert!(check(&buckets, &clock, clock.monotonic().as_nanos() as u64).is_ok());
         }

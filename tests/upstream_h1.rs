@@ -47,6 +47,11 @@ fn fixed(bytes: &'static str) -> impl Fn(&str) -> (Vec<u8>, bool) + Send + Sync 
     move |_| (bytes.as_bytes().to_vec(), false)
 }
 
+/// The same answer to every request, each connection closed after it.
+fn closing(bytes: &'static str) -> impl Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static {
+    move |_| (bytes.as_bytes().to_vec(), true)
+}
+
 async fn connections(kg: &Keygate) -> f64 {
     metric(&kg.metrics().await, "keygate_upstream_connections_total").unwrap_or(0.0)
 }
@@ -70,13 +75,8 @@ async fn a_chunked_answer_is_decoded_its_trailers_dropped_and_its_connection_reu
 
 #[tokio::test]
 async fn an_answer_without_a_length_runs_to_the_close_and_its_connection_is_not_reused() {
-    let (addr, accepted) = scripted(|_| {
-        (
-            b"HTTP/1.1 200 OK\r\n\r\nall of it, to the close".to_vec(),
-            true,
-        )
-    })
-    .await;
+    let (addr, accepted) =
+        scripted(closing("HTTP/1.1 200 OK\r\n\r\nall of it, to the close")).await;
     let kg = Keygate::start(&base_toml(addr)).await;
     for _ in 0..2 {
         let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
@@ -177,13 +177,7 @@ async fn a_bad_chunk_cuts_the_answer_short_as_an_error() {
     ))
     .await;
     let kg = Keygate::start(&base_toml(addr)).await;
-    let resp = kg
-        .client
-        .get(kg.url("/api/x"))
-        .header("x-api-key", ALPHA_KEY)
-        .send()
-        .await
-        .unwrap();
+    let resp = kg.get_streamed("/api/x").await;
     assert_eq!(resp.status(), 200);
     assert!(
         resp.bytes().await.is_err(),
@@ -209,13 +203,8 @@ async fn bytes_after_an_answer_keep_its_connection_out_of_the_pool() {
 /// still gets its answer (the closed connection is noticed, or the request retried once).
 #[tokio::test]
 async fn an_upstream_that_closes_idle_connections_silently_costs_no_error() {
-    let (addr, accepted) = scripted(|_| {
-        (
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
-            true,
-        )
-    })
-    .await;
+    let (addr, accepted) =
+        scripted(closing("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")).await;
     let kg = Keygate::start(&base_toml(addr)).await;
     for i in 0..10 {
         let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
@@ -277,25 +266,13 @@ async fn request_bodies_are_framed_by_what_is_known_of_their_length() {
     let stream = futures_util::stream::iter(
         ["abc", "defg"].map(|s| Ok::<Bytes, Infallible>(Bytes::from_static(s.as_bytes()))),
     );
-    let r = send(
-        kg.client
-            .post(kg.url("/api/upload"))
-            .header("x-api-key", ALPHA_KEY)
-            .body(reqwest::Body::wrap_stream(stream)),
-    )
-    .await;
+    let r = kg.upload(reqwest::Body::wrap_stream(stream)).await;
     assert_eq!((r.status, &r.body["bytes"]), (200, &serde_json::json!(7)));
     let seen = up.last_headers();
     assert_eq!(seen["transfer-encoding"], "chunked");
     assert!(seen.get("content-length").is_none());
 
-    let r = send(
-        kg.client
-            .post(kg.url("/api/upload"))
-            .header("x-api-key", ALPHA_KEY)
-            .body("twelve bytes"),
-    )
-    .await;
+    let r = kg.upload("twelve bytes").await;
     assert_eq!((r.status, &r.body["bytes"]), (200, &serde_json::json!(12)));
     assert_eq!(up.last_headers()["content-length"], "12");
 

@@ -88,10 +88,6 @@ pub struct TeamEntry {
     pub team_header: &'static HeaderValue,
     /// `x-keygate-plan`, rendered once for the life of the process ([`Names`]).
     pub plan_header: &'static HeaderValue,
-    /// `RateLimit-Policy` of its limits, and their name as `RateLimit` gives it, rendered once
-    /// for the life of the process ([`Names`]) so that a [`KeyView`] can carry them.
-    pub policy_header: &'static HeaderValue,
-    pub limits_name: &'static HeaderValue,
 }
 
 impl std::fmt::Debug for TeamEntry {
@@ -193,20 +189,14 @@ impl KeyEntry {
         }
     }
 
-    /// `x-keygate-key-id`: over the id's process-lifetime bytes, so no allocation.
-    #[inline]
-    pub fn key_id_header(&self) -> HeaderValue {
-        self.usage.header()
-    }
-
     #[inline]
     pub fn view(&self) -> KeyView {
         KeyView {
             usage: self.usage,
             team_header: self.team.team_header,
             plan_header: self.team.plan_header,
-            policy_header: self.team.policy_header,
-            limits_name: self.team.limits_name,
+            policy_header: self.team.limits.policy_header,
+            limits_name: self.team.limits.name_header,
         }
     }
 
@@ -894,18 +884,13 @@ impl KeyCache {
     /// Looks a digest up. `now_ns` is monotonic time.
     #[inline]
     pub fn get(&self, d: &Digest, now_ns: u64) -> Cached {
-        if let Some(e) = self.get_positive(d, now_ns) {
+        if let Some(e) = self.with_hit(d, now_ns, KeyEntry::clone) {
             return Cached::Hit(e);
         }
-        if self.negative.contains_key(d) {
+        if self.known_unknown(d) {
             return Cached::KnownUnknown;
         }
         Cached::Miss
-    }
-
-    #[inline]
-    fn get_positive(&self, d: &Digest, now_ns: u64) -> Option<KeyEntry> {
-        self.with_hit(d, now_ns, KeyEntry::clone)
     }
 
     /// `f` of a live cached entry, in place: under the shard's read lock, which is a write to
@@ -948,7 +933,7 @@ impl KeyCache {
             let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
             // Under the lock: a leader caches its entry before it leaves the table, so a caller
             // that missed both would find it here.
-            if let Some(e) = self.get_positive(d, now_ns) {
+            if let Some(e) = self.with_hit(d, now_ns, KeyEntry::clone) {
                 return Ok(e);
             }
             if let Some(f) = flights.get(d) {

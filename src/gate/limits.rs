@@ -35,6 +35,7 @@ use hashbrown::HashTable;
 use http::HeaderValue;
 
 use super::denial::RateInfo;
+use super::keys::Names;
 use crate::clock::Clock;
 use crate::config::LimitSpec;
 
@@ -132,8 +133,10 @@ impl LimiterRegistry {
         Buckets::from(all)
     }
 
-    /// A named set of limits (a plan, or a team's custom limits).
-    pub fn set(&self, name: &str, specs: &[LimitSpec]) -> Arc<LimitSet> {
+    /// A named set of limits (a plan, or a team's custom limits). Its header values are
+    /// interned in `names` (kept for the life of the process), so a granted request can carry
+    /// them as plain references.
+    pub fn set(&self, names: &Names, name: &str, specs: &[LimitSpec]) -> Arc<LimitSet> {
         let policy = specs
             .iter()
             .enumerate()
@@ -152,9 +155,12 @@ impl LimiterRegistry {
             })
             .collect::<Vec<_>>()
             .join(", ");
+        // A name that cannot be a header value (a control character) is rendered empty.
+        static EMPTY: HeaderValue = HeaderValue::from_static("");
         Arc::new(LimitSet {
             name: name.into(),
-            policy_header: HeaderValue::from_str(&policy).unwrap_or(HeaderValue::from_static("")),
+            policy_header: names.header(&policy).unwrap_or(&EMPTY),
+            name_header: names.header(name).unwrap_or(&EMPTY),
             quotas: specs.iter().map(|s| Arc::new(Quota::new(*s))).collect(),
         })
     }
@@ -228,7 +234,9 @@ impl std::ops::Deref for Buckets {
 pub struct LimitSet {
     pub name: Arc<str>,
     /// `RateLimit-Policy` for this set, rendered once.
-    pub policy_header: HeaderValue,
+    pub policy_header: &'static HeaderValue,
+    /// The set's name as `RateLimit` gives it.
+    pub name_header: &'static HeaderValue,
     quotas: Box<[Arc<Quota>]>,
 }
 
@@ -304,7 +312,7 @@ mod tests {
     fn hundred_per_hour_then_refill() {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let set = reg.set("free", &[spec(100, 3600, 100)]);
+        let set = reg.set(&Names::default(), "free", &[spec(100, 3600, 100)]);
         let team = reg.buckets(&set, "t");
         for i in 0..100 {
             let info = check(&team, &clock, ns(&clock)).unwrap().unwrap();
@@ -329,7 +337,7 @@ mod tests {
     fn burst_caps_a_per_minute_plan() {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let set = reg.set("basic", &[spec(100, 60, 20)]);
+        let set = reg.set(&Names::default(), "basic", &[spec(100, 60, 20)]);
         let k = reg.buckets(&set, "k");
         let passed = (0..50)
             .filter(|_| check(&k, &clock, ns(&clock)).is_ok())
@@ -344,7 +352,11 @@ mod tests {
     fn the_tightest_of_several_limits_is_reported() {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let set = reg.set("ent", &[spec(1000, 3600, 1000), spec(10, 60, 2)]);
+        let set = reg.set(
+            &Names::default(),
+            "ent",
+            &[spec(1000, 3600, 1000), spec(10, 60, 2)],
+        );
         let k = reg.buckets(&set, "k");
         assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 1);
         assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 0);
@@ -357,9 +369,9 @@ mod tests {
     fn buckets_survive_new_sets_and_prune_only_drops_idle_unheld_ones() {
         let clock = Clock::manual(0);
         let reg = LimiterRegistry::new(clock.clone());
-        let a = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), "t");
+        let a = reg.buckets(&reg.set(&Names::default(), "pro", &[spec(2, 3600, 2)]), "t");
         // A reload builds a new set with the same quota: same bucket.
-        let b = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), "t");
+        let b = reg.buckets(&reg.set(&Names::default(), "pro", &[spec(2, 3600, 2)]), "t");
         check(&a, &clock, ns(&clock)).unwrap();
         check(&b, &clock, ns(&clock)).unwrap();
         assert!(
@@ -372,7 +384,7 @@ mod tests {
             1,
             "not yet refilled: kept even though nothing holds it"
         );
-        let c = reg.buckets(&reg.set("pro", &[spec(2, 3600, 2)]), "t");
+        let c = reg.buckets(&reg.set(&Names::default(), "pro", &[spec(2, 3600, 2)]), "t");
         assert!(
             check(&c, &clock, ns(&clock)).is_err(),
             "evicted entries do not reset the bucket"
@@ -387,7 +399,8 @@ mod tests {
     fn policy_header() {
         let reg = LimiterRegistry::new(Clock::manual(0));
         assert_eq!(
-            reg.set("free", &[spec(100, 3600, 100)]).policy_header,
+            *reg.set(&Names::default(), "free", &[spec(100, 3600, 100)])
+                .policy_header,
             "\"free\";q=100;w=3600"
         );
     }

@@ -38,7 +38,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, Method};
 
 pub use denial::{Denial, ErrorBodies, RateInfo};
 pub use keys::{Digest, KeyEntry, KeyView, TeamEntry};
@@ -624,7 +624,9 @@ impl Gate {
     pub fn team_entry(&self, snap: &Snapshot, t: &StoredTeam) -> Option<Arc<TeamEntry>> {
         let limits = match &t.plan {
             Some(p) => snap.plans.get(p)?.clone(),
-            None => self.limiters.set(&format!("{}-custom", t.id), &t.limits),
+            None => self
+                .limiters
+                .set(&self.names, &format!("{}-custom", t.id), &t.limits),
         };
         let required = t
             .heartbeat_required
@@ -659,14 +661,9 @@ fn make_team(
     let (plan, plan_header) = r
         .names
         .get(if named_plan { &limits.name } else { "custom" })?;
-    // A name that cannot be a header value (a control character) was rendered empty before.
-    static EMPTY: HeaderValue = HeaderValue::from_static("");
-    let policy = std::str::from_utf8(limits.policy_header.as_bytes()).unwrap_or("");
     Some(Arc::new(TeamEntry {
         team_header,
         plan_header,
-        policy_header: r.names.header(policy).unwrap_or(&EMPTY),
-        limits_name: r.names.header(&limits.name).unwrap_or(&EMPTY),
         buckets: match key_by {
             LimitKey::Team => r.limiters.buckets(&limits, id.as_str()),
             LimitKey::Key => Buckets::None,
@@ -692,7 +689,7 @@ fn build_snapshot(config: Arc<Config>, r: Registries<'_>, metrics: &Metrics) -> 
     let plans: HashMap<String, Arc<LimitSet>> = config
         .plans
         .iter()
-        .map(|(name, specs)| (name.clone(), limiters.set(name, specs)))
+        .map(|(name, specs)| (name.clone(), limiters.set(r.names, name, specs)))
         .collect();
     let mut teams = HashMap::new();
     let mut declared = HashMap::new();
@@ -702,7 +699,10 @@ fn build_snapshot(config: Arc<Config>, r: Registries<'_>, metrics: &Metrics) -> 
                 Some(l) => (true, l.clone()),
                 None => continue, // refused by validation
             },
-            TeamPlan::Custom(specs) => (false, limiters.set(&format!("{}-custom", t.id), specs)),
+            TeamPlan::Custom(specs) => (
+                false,
+                limiters.set(r.names, &format!("{}-custom", t.id), specs),
+            ),
         };
         let required = t.heartbeat_required.unwrap_or(config.heartbeat.required);
         let Some(team) = make_team(&t.id, named, limits, required, config.limits.key_by, r) else {

@@ -621,6 +621,28 @@ impl Keygate {
         send(rb).await
     }
 
+    /// `GET path` with alpha's key, answered as far as its head: the body is left to the test
+    /// (to stream it, or to see it fail).
+    pub async fn get_streamed(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .header("x-api-key", ALPHA_KEY)
+            .send()
+            .await
+            .expect("keygate answers a head")
+    }
+
+    /// `POST /api/upload` with alpha's key and `body`.
+    pub async fn upload(&self, body: impl Into<reqwest::Body>) -> Resp {
+        send(
+            self.client
+                .post(self.url("/api/upload"))
+                .header("x-api-key", ALPHA_KEY)
+                .body(body),
+        )
+        .await
+    }
+
     pub async fn post(&self, path: &str, key: Option<&str>) -> Resp {
         let mut rb = self.client.post(self.url(path));
         if let Some(k) = key {

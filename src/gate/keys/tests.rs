@@ -38,14 +38,12 @@ impl Keys {
             team: Arc::new(TeamEntry {
                 id: "t".into(),
                 plan: "p".into(),
-                limits: limiters.set("p", &[]),
+                limits: limiters.set(&names, "p", &[]),
                 buckets: Buckets::None,
                 beat: Heartbeats::default().beat("t", false),
                 heartbeat_required: false,
                 team_header: names.header("t").unwrap(),
                 plan_header: names.header("p").unwrap(),
-                policy_header: names.header("\"p\"").unwrap(),
-                limits_name: names.header("p").unwrap(),
             }),
         }
     }
