@@ -2,7 +2,8 @@
 # End-to-end comparison on this machine, in one run: the upstream directly, nginx and HAProxy
 # doing the gateway's job (configs from ../shared/bench/peers/), keygate with config/bench.toml,
 # and keygate with authentication and limits off (a public route; metrics stay on), in
-# alternating rounds under the same wrk load over the 1,000 bench keys.
+# alternating rounds under the same wrk load over the 1,000 bench keys. keygate runs as configured
+# (upstream.pipeline = 32) and, as "serial", with pipelining off (the valid scenario only).
 #
 # Scenarios, each printing requests/s, p50/p99/p99.9 and non-2xx per system, then ratios:
 #   valid    every request carries one of the 1,000 keys (round robin)
@@ -55,6 +56,9 @@ keygate_config() {
   if [ "$5" = open ]; then
     sed -i 's|^path = "/\*"$|path = "/*"\npublic = true|' "$W/$1.toml"
   fi
+  if [ "$5" = serial ]; then
+    sed -i '/^pipeline = /d' "$W/$1.toml"
+  fi
 }
 pids=()
 stop_all() {
@@ -71,11 +75,12 @@ start_all() {
   haproxy -D -p $D/haproxy.pid -f $D/haproxy-gateway.cfg
   keygate_config keygate 18083 19090 "$1" closed
   keygate_config open 18084 19091 "$1" open
-  for c in keygate open; do
+  keygate_config serial 18085 19092 "$1" serial
+  for c in keygate open serial; do
     ./target/release/keygate run --config "$W/$c.toml" >> "$W/$c.log" 2>&1 & pids+=($!)
   done
   kg_pid=${pids[0]}
-  for port in 19090 19091; do
+  for port in 19090 19091 19092; do
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
   done
 }
@@ -84,6 +89,7 @@ URL_nginx=http://127.0.0.1:18081/api/x
 URL_haproxy=http://127.0.0.1:18082/api/x
 URL_keygate=http://127.0.0.1:18083/api/x
 URL_open=http://127.0.0.1:18084/api/x
+URL_serial=http://127.0.0.1:18085/api/x
 
 # --- load ----------------------------------------------------------------------------------------
 cat > "$W/report.lua" <<'EOF'
@@ -153,7 +159,7 @@ for s in $SCENARIOS; do
   case $s in
     valid)
       for _ in $(seq "$ROUNDS"); do
-        for sys in direct nginx haproxy keygate open; do bench valid $sys valid; done
+        for sys in direct nginx haproxy keygate open serial; do bench valid $sys valid; done
       done ;;
     invalid)
       for _ in $(seq "$ROUNDS"); do
@@ -191,6 +197,7 @@ done | sort | tee $D/medians
 awk '{split($4,a,"="); m[$2" "$3]=a[2]} END {
   v = m["valid keygate"]
   if (m["valid direct"]) printf "valid: keygate/direct=%.2f keygate/nginx=%.2f keygate/haproxy=%.2f nginx/direct=%.2f haproxy/direct=%.2f keygate/keygate-open=%.2f\n", v/m["valid direct"], v/m["valid nginx"], v/m["valid haproxy"], m["valid nginx"]/m["valid direct"], m["valid haproxy"]/m["valid direct"], v/m["valid open"]
+  if (m["valid serial"]) printf "pipelining off (serial): serial/nginx=%.2f serial/haproxy=%.2f serial/direct=%.2f keygate/serial=%.2f\n", m["valid serial"]/m["valid nginx"], m["valid serial"]/m["valid haproxy"], m["valid serial"]/m["valid direct"], v/m["valid serial"]
   if (m["invalid-repeated keygate"]) printf "invalid: keygate repeated/valid=%.2f random/valid=%.2f random/repeated=%.2f; nginx repeated/valid=%.2f; haproxy repeated/valid=%.2f\n", m["invalid-repeated keygate"]/v, m["invalid-random keygate"]/v, m["invalid-random keygate"]/m["invalid-repeated keygate"], m["invalid-repeated nginx"]/m["valid nginx"], m["invalid-repeated haproxy"]/m["valid haproxy"]
   if (m["limited keygate"]) printf "limited: keygate/nginx=%.2f keygate/haproxy=%.2f keygate limited/valid=%.2f; all over the limit (429s): keygate over-limit/valid=%.2f, nginx %.2f, haproxy %.2f\n", m["limited keygate"]/m["limited nginx"], m["limited keygate"]/m["limited haproxy"], m["limited keygate"]/v, m["over-limit keygate"]/v, m["over-limit nginx"]/m["valid nginx"], m["over-limit haproxy"]/m["valid haproxy"]
 }' $D/medians

@@ -22,6 +22,10 @@ pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub(crate) const DEFAULT_POOL_MAX_IDLE: usize = 256;
+/// Requests in flight on one upstream connection: 1, no pipelining (see `proxy::pipe`).
+pub(crate) const DEFAULT_PIPELINE: usize = 1;
+/// The most `upstream.pipeline` may be.
+pub(crate) const MAX_PIPELINE: usize = 128;
 pub(crate) const DEFAULT_MAX_KEY_LENGTH: usize = 256;
 pub(crate) const DEFAULT_MAX_ACTIVE_KEYS_PER_TEAM: usize = 50;
 pub(crate) const DEFAULT_USAGE_FLUSH_INTERVAL: Duration = Duration::from_secs(5);
@@ -77,6 +81,9 @@ pub(super) fn default_pool_idle_timeout() -> Duration {
 }
 pub(super) fn default_pool_max_idle() -> usize {
     DEFAULT_POOL_MAX_IDLE
+}
+pub(super) fn default_pipeline() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_PIPELINE)
 }
 pub(super) fn default_sources() -> Spanned<Vec<String>> {
     Spanned::new(0..0, vec!["x-api-key".to_owned()])

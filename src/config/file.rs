@@ -130,6 +130,8 @@ pub(super) struct Upstream {
     pub(super) pool_idle_timeout: Duration,
     #[serde(default = "default_pool_max_idle")]
     pub(super) pool_max_idle: usize,
+    #[serde(default = "default_pipeline")]
+    pub(super) pipeline: Spanned<usize>,
     #[serde(default = "default_true")]
     pub(super) preserve_host: bool,
     /// PEM file of the CA(s) an `https://` upstream's certificate must chain to (instead of the

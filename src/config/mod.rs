@@ -83,6 +83,9 @@ pub struct UpstreamConfig {
     pub request_timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// Bodiless `GET`s and `HEAD`s in flight on one connection at most (HTTP/1.1 pipelining);
+    /// 1 turns it off.
+    pub pipeline: usize,
     pub preserve_host: bool,
     /// Set for an `https://` upstream.
     pub tls: Option<UpstreamTls>,
@@ -292,6 +295,18 @@ impl Validator<'_> {
             Some(line) => self.errors.push(format!("{field} (line {line}): {msg}")),
             None => self.errors.push(format!("{field}: {msg}")),
         }
+    }
+
+    fn pipeline(&mut self, p: &Spanned<usize>) -> usize {
+        let n = *p.get_ref();
+        if !(1..=defaults::MAX_PIPELINE).contains(&n) {
+            self.err(
+                "upstream.pipeline",
+                Some(p),
+                format_args!("must be 1 (off) to {}", defaults::MAX_PIPELINE),
+            );
+        }
+        n.clamp(1, defaults::MAX_PIPELINE)
     }
 
     fn positive(&mut self, field: &str, d: Duration) -> Duration {
@@ -531,6 +546,7 @@ impl Validator<'_> {
             request_timeout: self.positive("upstream.request_timeout", u.request_timeout),
             pool_idle_timeout: self.positive("upstream.pool_idle_timeout", u.pool_idle_timeout),
             pool_max_idle: u.pool_max_idle,
+            pipeline: self.pipeline(&u.pipeline),
             preserve_host: u.preserve_host,
             tls,
         }

@@ -152,3 +152,23 @@ fn the_example_config_is_the_pinned_one() {
             "/linkedin-agent/auth-verify-otp"
         ]));
 }
+
+#[test]
+fn pipelining_is_off_by_default_and_bounded() {
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(c.upstream.pipeline, 1);
+    let with = |n: usize| {
+        MINIMAL.replace(
+            "127.0.0.1:3000\"",
+            &format!("127.0.0.1:3000\"\npipeline = {n}"),
+        )
+    };
+    assert_eq!(Config::from_toml(&with(32)).unwrap().upstream.pipeline, 32);
+    for bad in [0, defaults::MAX_PIPELINE + 1] {
+        let e = errors(&with(bad));
+        assert!(
+            e.len() == 1 && e[0].starts_with("upstream.pipeline (line 4)"),
+            "{e:?}"
+        );
+    }
+}

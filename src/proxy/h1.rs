@@ -161,8 +161,8 @@ impl ReqBody {
     }
 }
 
-/// Writes a request head. Names and values come from a `HeaderMap`, so they hold no CR or LF
-/// (`http` refuses them): nothing here can split the head.
+/// Appends a request head to `dst`. Names and values come from a `HeaderMap`, so they hold no
+/// CR or LF (`http` refuses them): nothing here can split the head.
 pub fn encode_head(
     dst: &mut Vec<u8>,
     method: &Method,
@@ -170,7 +170,6 @@ pub fn encode_head(
     headers: &HeaderMap,
     body: ReqBody,
 ) {
-    dst.clear();
     dst.extend_from_slice(method.as_str().as_bytes());
     dst.push(b' ');
     dst.extend_from_slice(target.as_bytes());
@@ -351,7 +350,7 @@ enum State {
 }
 
 /// A response body's decoder: takes body bytes off the front of the read buffer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Decoder {
     state: State,
 }
@@ -434,6 +433,31 @@ impl Decoder {
                 }
             }
         }
+    }
+
+    /// The whole body, taken off `buf`, when all of it is there (`Some(None)`: an empty one);
+    /// `None`, with `buf` untouched, when some is still to come or it runs to the close.
+    pub fn whole(&mut self, buf: &mut BytesMut) -> Result<Option<Option<Bytes>>, H1Error> {
+        match self.state {
+            State::Done => return Ok(Some(None)),
+            State::Close => return Ok(None),
+            State::Length(n) if (buf.len() as u64) < n => return Ok(None),
+            State::Length(_) => return Ok(Some(self.decode(buf)?)),
+            _ => {}
+        }
+        // Chunked: decoded from a copy, so that a body not all there leaves `buf` as it was.
+        let mut probe = self.clone();
+        let mut rest = BytesMut::from(&buf[..]);
+        let mut body = BytesMut::new();
+        while let Some(piece) = probe.decode(&mut rest)? {
+            body.extend_from_slice(&piece);
+        }
+        if !probe.is_done() {
+            return Ok(None);
+        }
+        let _ = buf.split_to(buf.len() - rest.len());
+        *self = probe;
+        Ok(Some((!body.is_empty()).then(|| body.freeze())))
     }
 
     /// The input ended: the end of a body read to the close, else a truncation.
@@ -704,7 +728,7 @@ mod tests {
             &HeaderMap::new(),
             ReqBody::Length(12),
         );
-        assert_eq!(out, b"POST / HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
+        assert_eq!(&out[50..], b"POST / HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
         encode_head(
             &mut out,
             &Method::PUT,
@@ -712,7 +736,10 @@ mod tests {
             &HeaderMap::new(),
             ReqBody::Chunked,
         );
-        assert_eq!(out, b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+        assert_eq!(
+            &out[50 + 39..],
+            b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
         assert_eq!(ReqBody::of(&Method::GET, true, Some(0)), ReqBody::None);
         assert_eq!(
             ReqBody::of(&Method::POST, true, Some(0)),

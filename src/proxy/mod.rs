@@ -7,6 +7,7 @@
 pub mod body;
 pub mod forward;
 pub mod h1;
+pub mod pipe;
 pub mod pool;
 pub mod server;
 pub mod values;
@@ -102,18 +103,20 @@ impl Proxy {
             cfg.connect_timeout,
             cfg.pool_idle_timeout,
             cfg.pool_max_idle,
+            cfg.pipeline,
             gate.metrics().upstream_connects.clone(),
         );
         (target, pool)
     }
 
-    /// Picks up a reloaded upstream: a new address gets a new pool, the same plain-HTTP one
-    /// keeps its connections. A TLS upstream always gets a new pool, so that renewed CA files
-    /// and names apply to every connection after the reload.
+    /// Picks up a reloaded upstream: a new address (or pipelining depth) gets a new pool, the
+    /// same plain-HTTP one keeps its connections. A TLS upstream always gets a new pool, so
+    /// that renewed CA files and names apply to every connection after the reload.
     pub fn reloaded(&self, cfg: &crate::config::UpstreamConfig) {
         let (target, pool) = Self::upstream(&self.gate, cfg);
         let current = self.upstream.load();
-        let pool = if current.1.addr() == pool.addr() && !current.1.is_tls() && !pool.is_tls() {
+        let same = current.1.addr() == pool.addr() && current.1.pipeline() == pool.pipeline();
+        let pool = if same && !current.1.is_tls() && !pool.is_tls() {
             current.1.clone()
         } else {
             pool

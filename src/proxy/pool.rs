@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use super::body::GuardedBody;
 use super::h1::{self, Conn, Decoder, H1Error, Io, ReqBody};
+use super::pipe::{Answer, Pipe, Wait};
 
 /// Why a request could not be exchanged with the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,10 @@ struct Inner {
     idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
+    /// Requests in flight on one connection at most; 1: no pipelining.
+    pipeline: usize,
+    /// Connections shared by pipelined requests, the most recently opened last.
+    pipes: Mutex<Vec<Arc<Pipe>>>,
     connects: IntCounter,
 }
 
@@ -104,6 +109,7 @@ impl Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
+        pipeline: usize,
         connects: IntCounter,
     ) -> Pool {
         Pool(Arc::new(Inner {
@@ -113,6 +119,8 @@ impl Pool {
             idle_timeout,
             max_idle,
             idle: Mutex::new(Vec::new()),
+            pipeline,
+            pipes: Mutex::new(Vec::new()),
             connects,
         }))
     }
@@ -120,6 +128,11 @@ impl Pool {
     /// The upstream address (`host:port`).
     pub fn addr(&self) -> &str {
         &self.0.addr
+    }
+
+    /// Requests in flight on one connection at most (`upstream.pipeline`).
+    pub fn pipeline(&self) -> usize {
+        self.0.pipeline
     }
 
     /// Whether connections are TLS sessions.
@@ -186,17 +199,88 @@ impl Pool {
         Ok(sender.send_request(req).await?)
     }
 
+    /// Queues a pipelined request on the newest pipe with room, else on a new connection.
+    fn attach(&self, head: bool, encode: &impl Fn(&mut Vec<u8>)) -> Option<Wait> {
+        let mut pipes = self.0.pipes.lock().unwrap_or_else(|e| e.into_inner());
+        for i in (0..pipes.len()).rev() {
+            if let Some(w) = pipes[i].attach(self.0.pipeline, self.0.idle_timeout, head, encode) {
+                return Some(w);
+            }
+            if pipes[i].is_closed() {
+                pipes.remove(i);
+            }
+        }
+        None
+    }
+
+    /// A bodiless `GET` or `HEAD` on a pipe ([`super::pipe`]). `Ok(None)`: the pipe broke
+    /// before its answer began, and it is to be sent again on a connection of its own.
+    async fn send_piped(
+        &self,
+        parts: &http::request::Parts,
+    ) -> Result<Option<Response<Pooled>>, PoolError> {
+        let head = parts.method == Method::HEAD;
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let encode = |out: &mut Vec<u8>| {
+            h1::encode_head(out, &parts.method, target, &parts.headers, ReqBody::None)
+        };
+        let wait = match self.attach(head, &encode) {
+            Some(w) => w,
+            None => {
+                let pipe = Arc::new(Pipe::new(Conn::new(self.connect().await?)));
+                let Some(w) = pipe.attach(self.0.pipeline, self.0.idle_timeout, head, encode)
+                else {
+                    return Ok(None);
+                };
+                let mut pipes = self.0.pipes.lock().unwrap_or_else(|e| e.into_inner());
+                if pipes.len() < self.0.max_idle.max(1) {
+                    pipes.push(pipe);
+                }
+                w
+            }
+        };
+        // As in `h1::exchange`: the requests of this turn are queued before the first of them
+        // writes, so their heads go out in one write.
+        tokio::task::yield_now().await;
+        Ok(match wait.await {
+            Answer::Whole(head, body) => Some(response(head, Pooled(Kind::Whole(body)))),
+            Answer::Stream(head, conn) => {
+                let decoder = head.decoder.clone();
+                let back = None;
+                Some(response(
+                    head,
+                    Pooled(Kind::Stream {
+                        conn,
+                        decoder,
+                        back,
+                    }),
+                ))
+            }
+            Answer::Failed(e) => return Err(e.into()),
+            Answer::Unanswered => None,
+        })
+    }
+
     /// Sends a request (origin-form URI, `Host` set) and returns the response, whose body
     /// gives the connection back to the pool when read to the end.
     pub async fn send(&self, req: Request<GuardedBody>) -> Result<Response<Pooled>, PoolError> {
         let (parts, body) = req.into_parts();
         let empty = body.is_end_stream();
+        if empty
+            && self.0.pipeline > 1
+            && (parts.method == Method::GET || parts.method == Method::HEAD)
+        {
+            if let Some(resp) = self.send_piped(&parts).await? {
+                return Ok(resp);
+            }
+        }
         let framing = ReqBody::of(&parts.method, empty, body.size_hint().exact());
         let (mut conn, mut reused) = match self.checkout() {
             Some(c) => (c, true),
             None => (Conn::new(self.connect().await?), false),
         };
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        conn.head.clear();
         h1::encode_head(
             &mut conn.head,
             &parts.method,
@@ -263,6 +347,15 @@ impl Pool {
             });
         }
     }
+}
+
+/// The response of a parsed head.
+fn response(head: h1::Head, body: Pooled) -> Response<Pooled> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    resp
 }
 
 /// An upstream response body. Read to its end, it returns its connection to the pool.

@@ -1,0 +1,388 @@
+//! HTTP/1.1 pipelining to the upstream (`upstream.pipeline`), for bodiless `GET`s and `HEAD`s.
+//!
+//! Every forwarded request costs the upstream socket a send and a receive. On loopback the send
+//! runs the upstream's TCP input and wakes it, inside keygate's own syscall: in issue 5's
+//! profile, sends were 44 % of keygate's samples. A pipe lets the requests decided in one turn
+//! of the runtime share a connection: their heads go out in one write and their answers come
+//! back in order in as few reads, parsed by whichever waiting request is polled and handed to
+//! their owners.
+//!
+//! Only safe methods without a body are pipelined (RFC 9112 §9.3.2), so the requests left
+//! unanswered when a pipe breaks (the upstream closed it, answered `Connection: close`, sent
+//! something malformed, or a request behind which answers were queued was abandoned mid-answer)
+//! are retried once on a connection of their own ([`Answer::Unanswered`]).
+//!
+//! An answer whose length is known and at most [`WHOLE_MAX`] is read whole before it is
+//! handed over. Any other (longer, chunked and not all there, or running to the close) takes
+//! the connection with it to stream from, and the requests behind it are retried elsewhere: a
+//! large answer never holds the others up.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use tokio::time::Instant;
+
+use super::h1::{self, Conn, H1Error, Head};
+
+/// The longest answer read whole on a pipe; a longer one detaches the connection.
+pub const WHOLE_MAX: u64 = 256 * 1024;
+
+/// What a pipelined request gets.
+pub enum Answer {
+    /// The head and all of the body (`None`: empty).
+    Whole(Head, Option<Bytes>),
+    /// The head, and the connection to stream the body from; it is not reused.
+    Stream(Head, Conn),
+    /// The upstream failed while answering this request.
+    Failed(H1Error),
+    /// The pipe broke before this request's answer began: safe to send again.
+    Unanswered,
+}
+
+enum Slot {
+    /// Its owner waits; the waker is the last one it was polled with.
+    Waiting(Option<Waker>),
+    Ready(Answer),
+    /// Its owner went away before its answer was read: the answer is read and dropped.
+    Abandoned,
+    /// Taken, or abandoned and read.
+    Gone,
+}
+
+struct Ticket {
+    head: bool,
+    slot: Slot,
+}
+
+struct State {
+    /// `None` once broken or detached: nothing more is sent on it.
+    conn: Option<Conn>,
+    /// Request heads not yet written.
+    out: Vec<u8>,
+    /// The ticket of `tickets[0]`.
+    first: u64,
+    tickets: VecDeque<Ticket>,
+    /// The ticket whose answer is next on the wire.
+    read: u64,
+    /// The head of the answer being read, while the rest of its body arrives.
+    pending: Option<Head>,
+    /// The ticket whose task the socket would wake (the last to see it not ready).
+    polled_by: Option<u64>,
+    /// When the last answer was read, for the idle timeout.
+    idle_since: Instant,
+}
+
+/// One upstream connection shared by pipelined requests.
+pub struct Pipe {
+    state: Mutex<State>,
+}
+
+impl Pipe {
+    pub fn new(conn: Conn) -> Pipe {
+        Pipe {
+            state: Mutex::new(State {
+                conn: Some(conn),
+                out: Vec::new(),
+                first: 0,
+                tickets: VecDeque::new(),
+                read: 0,
+                pending: None,
+                polled_by: None,
+                idle_since: Instant::now(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a request whose head `encode` appends, if the pipe is open, has fewer than
+    /// `depth` answers outstanding, and (when it has none) has not been idle past `idle` nor
+    /// been closed by the upstream. The head is written by the first of its requests to be
+    /// polled: those queued in the same turn of the runtime go out together.
+    pub fn attach(
+        self: &Arc<Self>,
+        depth: usize,
+        idle: std::time::Duration,
+        head: bool,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Option<Wait> {
+        let mut st = self.lock();
+        let next = st.first + st.tickets.len() as u64;
+        let outstanding = next - st.read;
+        if outstanding as usize >= depth {
+            return None;
+        }
+        if outstanding == 0 {
+            let fresh = st.idle_since.elapsed() <= idle;
+            let open = st.conn.as_mut().is_some_and(Conn::idle_ok);
+            if !(fresh && open) {
+                st.conn = None;
+                return None;
+            }
+        }
+        st.conn.as_ref()?;
+        encode(&mut st.out);
+        st.tickets.push_back(Ticket {
+            head,
+            slot: Slot::Waiting(None),
+        });
+        Some(Wait {
+            pipe: self.clone(),
+            ticket: next,
+            done: false,
+        })
+    }
+
+    /// Whether the pipe can take no more requests, ever.
+    pub fn is_closed(&self) -> bool {
+        self.lock().conn.is_none()
+    }
+
+    /// Whether no answer is outstanding.
+    pub fn is_idle(&self) -> bool {
+        let st = self.lock();
+        st.first + st.tickets.len() as u64 == st.read
+    }
+}
+
+impl State {
+    fn next(&self) -> u64 {
+        self.first + self.tickets.len() as u64
+    }
+
+    fn ticket(&mut self, t: u64) -> &mut Ticket {
+        &mut self.tickets[(t - self.first) as usize]
+    }
+
+    /// Writes what is queued and reads answers while any is awaited, until the socket is not
+    /// ready or nothing is awaited.
+    fn drive(&mut self, cx: &mut Context<'_>, me: u64) {
+        while !self.out.is_empty() {
+            let Some(conn) = self.conn.as_mut() else {
+                self.out.clear();
+                break;
+            };
+            match Pin::new(&mut conn.io).poll_write(cx, &self.out) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => self.fail(None),
+                Poll::Ready(Ok(n)) => {
+                    self.out.drain(..n);
+                }
+                Poll::Pending => {
+                    self.polled_by = Some(me);
+                    break;
+                }
+            }
+        }
+        while self.read < self.next() {
+            match self.answer() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.fail(Some(e));
+                    return;
+                }
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return;
+            };
+            h1::make_room(&mut conn.buf);
+            let polled = tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf);
+            // Whether the answer being read had begun: then it failed, rather than went unanswered.
+            let begun = !conn.buf.is_empty() || self.pending.is_some();
+            match polled {
+                Poll::Ready(Ok(0)) => self.fail(begun.then_some(H1Error::Truncated)),
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => self.fail(begun.then_some(H1Error::Io(e))),
+                Poll::Pending => {
+                    self.polled_by = Some(me);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the next answer off the buffer if it is all there (or must be streamed), and
+    /// hands it over. `Ok(false)`: more input is needed.
+    fn answer(&mut self) -> Result<bool, H1Error> {
+        let read = self.read;
+        let head_only = self.ticket(read).head;
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(false);
+        };
+        let mut head = match self.pending.take() {
+            Some(h) => h,
+            None => loop {
+                if conn.buf.is_empty() {
+                    return Ok(false);
+                }
+                let method = if head_only {
+                    &http::Method::HEAD
+                } else {
+                    &http::Method::GET
+                };
+                let Some(h) = h1::parse_head(&mut conn.buf, method)? else {
+                    return Ok(false);
+                };
+                if h.status == http::StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(H1Error::Malformed("unrequested 101"));
+                }
+                if !h.status.is_informational() {
+                    break h;
+                }
+            },
+        };
+        let answer = match head.decoder.whole(&mut conn.buf)? {
+            Some(body) => Answer::Whole(head, body),
+            None if head.decoder.remaining().is_some_and(|n| n <= WHOLE_MAX) => {
+                self.pending = Some(head);
+                return Ok(false);
+            }
+            None => {
+                let Some(mut conn) = self.conn.take() else {
+                    return Ok(false);
+                };
+                head.reuse = false;
+                conn.head = Vec::new();
+                Answer::Stream(head, conn)
+            }
+        };
+        let reuse = matches!(&answer, Answer::Whole(h, _) if h.reuse);
+        self.read += 1;
+        self.idle_since = Instant::now();
+        let t = self.ticket(read);
+        match std::mem::replace(&mut t.slot, Slot::Gone) {
+            Slot::Waiting(w) => {
+                t.slot = Slot::Ready(answer);
+                if let Some(w) = w {
+                    w.wake();
+                }
+            }
+            // Nobody wants it. A detached connection is dropped with it.
+            _ => drop(answer),
+        }
+        if !reuse {
+            self.fail(None);
+        }
+        Ok(true)
+    }
+
+    /// The pipe is broken: the answer being read fails with `e` (if one had begun), every
+    /// other awaited one is unanswered, and the connection is closed.
+    fn fail(&mut self, e: Option<H1Error>) {
+        self.conn = None;
+        self.out.clear();
+        self.pending = None;
+        let mut e = e;
+        while self.read < self.next() {
+            let read = self.read;
+            self.read += 1;
+            let answer = match e.take() {
+                Some(e) => Answer::Failed(e),
+                None => Answer::Unanswered,
+            };
+            let t = self.ticket(read);
+            if let Slot::Waiting(w) = std::mem::replace(&mut t.slot, Slot::Gone) {
+                t.slot = Slot::Ready(answer);
+                if let Some(w) = w {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Drops settled tickets off the front.
+    fn trim(&mut self) {
+        while self.first < self.read
+            && matches!(
+                self.tickets.front(),
+                Some(Ticket {
+                    slot: Slot::Gone,
+                    ..
+                })
+            )
+        {
+            self.tickets.pop_front();
+            self.first += 1;
+        }
+    }
+
+    /// `me` is leaving: if the socket would have woken it, another waiter takes over.
+    fn hand_over(&mut self, me: u64) {
+        if self.polled_by != Some(me) {
+            return;
+        }
+        self.polled_by = None;
+        let (from, to) = ((self.read - self.first) as usize, self.tickets.len());
+        for t in self.tickets.range_mut(from..to) {
+            if let Slot::Waiting(Some(w)) = &t.slot {
+                w.wake_by_ref();
+                return;
+            }
+        }
+    }
+}
+
+/// A pipelined request waiting for its answer. Dropped before it, the request is abandoned:
+/// its answer is read and dropped when it comes.
+pub struct Wait {
+    pipe: Arc<Pipe>,
+    ticket: u64,
+    done: bool,
+}
+
+impl std::future::Future for Wait {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let this = self.get_mut();
+        let mut st = this.pipe.lock();
+        st.drive(cx, this.ticket);
+        let t = st.ticket(this.ticket);
+        match std::mem::replace(&mut t.slot, Slot::Gone) {
+            Slot::Ready(answer) => {
+                this.done = true;
+                st.hand_over(this.ticket);
+                st.trim();
+                Poll::Ready(answer)
+            }
+            Slot::Waiting(w) => {
+                let w = match w {
+                    Some(w) if w.will_wake(cx.waker()) => w,
+                    _ => cx.waker().clone(),
+                };
+                t.slot = Slot::Waiting(Some(w));
+                Poll::Pending
+            }
+            other => {
+                t.slot = other;
+                this.done = true;
+                Poll::Ready(Answer::Unanswered)
+            }
+        }
+    }
+}
+
+impl Drop for Wait {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = self.pipe.lock();
+        let me = self.ticket;
+        let answered = me < st.read;
+        let t = st.ticket(me);
+        t.slot = if answered {
+            Slot::Gone
+        } else {
+            Slot::Abandoned
+        };
+        st.hand_over(me);
+        st.trim();
+    }
+}
