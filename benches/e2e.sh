@@ -63,7 +63,7 @@ keygate_config() {
 pids=()
 stop_all() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; pids=()
-  for p in $D/*.pid; do [ -f "$p" ] && kill "$(cat "$p")" 2>/dev/null; rm -f "$p"; done
+  for p in $D/*.pid; do [ -f "$p" ] && { kill "$(cat "$p")" 2>/dev/null || true; }; rm -f "$p"; done
   sleep 0.5
 }
 trap 'stop_all; rm -rf "$W"' EXIT
