@@ -695,6 +695,41 @@ mod tests {
         parse_head(&mut BytesMut::from(text), method)
     }
 
+    #[test]
+    fn a_whole_body_is_taken_only_when_all_of_it_is_there() {
+        let head = |text: &str| {
+            let mut buf = BytesMut::from(text);
+            let h = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+            (h.decoder, buf)
+        };
+        // Chunked: a body not all there leaves the buffer as it was.
+        let (mut d, mut buf) =
+            head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n");
+        assert_eq!(d.whole(&mut buf).unwrap(), None);
+        assert_eq!(&buf[..], b"3\r\nabc\r\n");
+        buf.extend_from_slice(b"2;x=y\r\nde\r\n0\r\nt: 1\r\n\r\nNEXT");
+        assert_eq!(d.whole(&mut buf).unwrap(), Some(Some(Bytes::from("abcde"))));
+        assert!(d.is_done());
+        assert_eq!(&buf[..], b"NEXT");
+        // A length.
+        let (mut d, mut buf) = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nabc");
+        assert_eq!(d.whole(&mut buf).unwrap(), None);
+        assert_eq!(&buf[..], b"abc");
+        buf.extend_from_slice(b"deX");
+        assert_eq!(d.whole(&mut buf).unwrap(), Some(Some(Bytes::from("abcde"))));
+        assert_eq!(&buf[..], b"X");
+        // None at all; and to the close, never whole.
+        let (mut d, mut buf) = head("HTTP/1.1 204 No Content\r\n\r\nX");
+        assert_eq!(d.whole(&mut buf).unwrap(), Some(None));
+        assert_eq!(&buf[..], b"X");
+        let (mut d, mut buf) = head("HTTP/1.1 200 OK\r\n\r\nall of it");
+        assert_eq!(d.whole(&mut buf).unwrap(), None);
+        assert_eq!(&buf[..], b"all of it");
+        // Broken chunked framing is an error, not a wait.
+        let (mut d, mut buf) = head("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        assert!(d.whole(&mut buf).is_err());
+    }
+
     /// Decodes all of `input`, fed in pieces of `step` bytes.
     fn decode_all(d: &mut Decoder, input: &[u8], step: usize) -> Result<Vec<u8>, H1Error> {
         let mut buf = BytesMut::new();
