@@ -244,3 +244,21 @@ async fn answers_to_abandoned_requests_are_read_and_dropped_never_misdelivered()
     assert_eq!(kg.get("/api/d", Some(BETA_KEY)).await.status, 504);
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn many_requests_at_once_on_a_real_upstream_each_get_their_own_answer() {
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.upstream_extra.push("pipeline = 4".into());
+    let kg = Keygate::start(&cfg.render()).await;
+    let each = (0..48).map(|i| {
+        let path = format!("/api/many/{i}");
+        let rb = kg.client.get(kg.url(&path)).header("x-api-key", BETA_KEY);
+        async move { (path, send(rb).await) }
+    });
+    for (path, r) in futures_util::future::join_all(each).await {
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.body["path"], path.as_str());
+    }
+    assert_eq!(up.hits(), 48);
+}

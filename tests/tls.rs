@@ -301,6 +301,31 @@ async fn https_upstream_trusting_a_configured_ca_is_pooled() {
 }
 
 #[tokio::test]
+async fn https_upstream_with_pipelining_answers_each_request_its_own() {
+    let up = Upstream::start().await;
+    let p = pki();
+    let (front, _) = tls_front(up.addr, p.server.clone()).await;
+    let toml = https_toml(
+        front,
+        &[
+            format!("ca = {}", toml_str(&p.ca_path())),
+            "pipeline = 8".into(),
+        ],
+    );
+    let kg = Keygate::start(&toml).await;
+    let each = (0..24).map(|i| {
+        let path = format!("/api/tls/{i}");
+        let rb = kg.client.get(kg.url(&path)).header("x-api-key", BETA_KEY);
+        async move { (path, send(rb).await) }
+    });
+    for (path, r) in futures_util::future::join_all(each).await {
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.body["path"], path.as_str());
+    }
+    assert_eq!(up.hits(), 24);
+}
+
+#[tokio::test]
 async fn an_upstream_certificate_that_does_not_verify_is_502() {
     let up = Upstream::start().await;
     let served = pki();

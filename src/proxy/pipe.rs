@@ -163,6 +163,7 @@ impl State {
     /// Writes what is queued and reads answers while any is awaited, until the socket is not
     /// ready or nothing is awaited.
     fn drive(&mut self, cx: &mut Context<'_>, me: u64) {
+        let wrote = !self.out.is_empty();
         while !self.out.is_empty() {
             let Some(conn) = self.conn.as_mut() else {
                 self.out.clear();
@@ -176,6 +177,16 @@ impl State {
                 Poll::Pending => {
                     self.polled_by = Some(me);
                     break;
+                }
+            }
+        }
+        // A TLS session may hold written records until flushed (plain TCP holds nothing).
+        if wrote && self.out.is_empty() {
+            if let Some(conn) = self.conn.as_mut() {
+                match Pin::new(&mut conn.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(_)) => self.fail(None),
+                    Poll::Pending => self.polled_by = Some(me),
                 }
             }
         }
