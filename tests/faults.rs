@@ -43,35 +43,24 @@ async fn an_upstream_that_refuses_is_502_and_is_used_again_when_it_returns() {
 /// An upstream whose first connection promises 100,000 bytes, sends 1,000 and is reset; every
 /// later connection answers `ok` with keep-alive. Returns its address and connections accepted.
 async fn resetting_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
-            tokio::spawn(async move {
-                while read_head(&mut s).await.is_some() {
-                    if first {
-                        let mut half =
-                            b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
-                        half.extend_from_slice(&[b'x'; 1000]);
-                        s.write_all(&half).await.unwrap();
-                        s.flush().await.unwrap();
-                        // RST instead of FIN.
-                        #[allow(deprecated)]
-                        s.set_linger(Some(Duration::ZERO)).unwrap();
-                        return;
-                    }
-                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await
-                        .unwrap();
-                }
-            });
+    raw_upstream(|mut s, n| async move {
+        while read_head(&mut s).await.is_some() {
+            if n == 0 {
+                let mut half = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n".to_vec();
+                half.extend_from_slice(&[b'x'; 1000]);
+                s.write_all(&half).await.unwrap();
+                s.flush().await.unwrap();
+                // RST instead of FIN.
+                #[allow(deprecated)]
+                s.set_linger(Some(Duration::ZERO)).unwrap();
+                return;
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
         }
-    });
-    (addr, accepted)
+    })
+    .await
 }
 
 #[tokio::test]

@@ -40,39 +40,31 @@ fn echo(head: &str) -> Vec<u8> {
 type Script = dyn Fn(&[String]) -> (Vec<u8>, bool) + Send + Sync;
 
 async fn upstream(script: Arc<Script>) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            let script = script.clone();
-            tokio::spawn(async move {
-                let Some(first) = read_head(&mut s).await else {
-                    return;
-                };
-                if s.write_all(&echo(&first)).await.is_err() {
-                    return;
-                }
-                loop {
-                    let mut heads = Vec::new();
-                    while heads.len() < BATCH {
-                        match read_head(&mut s).await {
-                            Some(h) => heads.push(h),
-                            None => return,
-                        }
-                    }
-                    let (bytes, close) = script(&heads);
-                    if s.write_all(&bytes).await.is_err() || close {
-                        return;
+    raw_upstream(move |mut s, _| {
+        let script = script.clone();
+        async move {
+            let Some(first) = read_head(&mut s).await else {
+                return;
+            };
+            if s.write_all(&echo(&first)).await.is_err() {
+                return;
+            }
+            loop {
+                let mut heads = Vec::new();
+                while heads.len() < BATCH {
+                    match read_head(&mut s).await {
+                        Some(h) => heads.push(h),
+                        None => return,
                     }
                 }
-            });
+                let (bytes, close) = script(&heads);
+                if s.write_all(&bytes).await.is_err() || close {
+                    return;
+                }
+            }
         }
-    });
-    (addr, accepted)
+    })
+    .await
 }
 
 async fn start(script: Arc<Script>) -> (Keygate, Arc<AtomicUsize>) {
@@ -251,14 +243,6 @@ async fn many_requests_at_once_on_a_real_upstream_each_get_their_own_answer() {
     let mut cfg = Cfg::new(up.addr);
     cfg.upstream_extra.push("pipeline = 4".into());
     let kg = Keygate::start(&cfg.render()).await;
-    let each = (0..48).map(|i| {
-        let path = format!("/api/many/{i}");
-        let rb = kg.client.get(kg.url(&path)).header("x-api-key", BETA_KEY);
-        async move { (path, send(rb).await) }
-    });
-    for (path, r) in futures_util::future::join_all(each).await {
-        assert_eq!(r.status, 200, "{path}: {}", r.text());
-        assert_eq!(r.body["path"], path.as_str());
-    }
+    assert_each_gets_its_own(&kg, "/api/many/", 48).await;
     assert_eq!(up.hits(), 48);
 }

@@ -313,15 +313,7 @@ async fn https_upstream_with_pipelining_answers_each_request_its_own() {
         ],
     );
     let kg = Keygate::start(&toml).await;
-    let each = (0..24).map(|i| {
-        let path = format!("/api/tls/{i}");
-        let rb = kg.client.get(kg.url(&path)).header("x-api-key", BETA_KEY);
-        async move { (path, send(rb).await) }
-    });
-    for (path, r) in futures_util::future::join_all(each).await {
-        assert_eq!(r.status, 200, "{path}: {}", r.text());
-        assert_eq!(r.body["path"], path.as_str());
-    }
+    assert_each_gets_its_own(&kg, "/api/tls/", 24).await;
     assert_eq!(up.hits(), 24);
 }
 

@@ -21,26 +21,19 @@ async fn scripted<F>(answer: F) -> (SocketAddr, Arc<AtomicUsize>)
 where
     F: Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static,
 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let (count, answer) = (accepted.clone(), Arc::new(answer));
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            count.fetch_add(1, Ordering::SeqCst);
-            let answer = answer.clone();
-            tokio::spawn(async move {
-                while let Some(head) = read_head(&mut s).await {
-                    let (bytes, close) = answer(&head);
-                    if s.write_all(&bytes).await.is_err() || close {
-                        return;
-                    }
+    let answer = Arc::new(answer);
+    raw_upstream(move |mut s, _| {
+        let answer = answer.clone();
+        async move {
+            while let Some(head) = read_head(&mut s).await {
+                let (bytes, close) = answer(&head);
+                if s.write_all(&bytes).await.is_err() || close {
+                    return;
                 }
-            });
+            }
         }
-    });
-    (addr, accepted)
+    })
+    .await
 }
 
 fn fixed(bytes: &'static str) -> impl Fn(&str) -> (Vec<u8>, bool) + Send + Sync + 'static {

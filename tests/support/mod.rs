@@ -1036,6 +1036,39 @@ impl H1Conn {
 
 /// Reads one message head (up to the blank line) from `s` byte by byte, so nothing after it is
 /// consumed; `None` at end of stream.
+/// A raw-socket upstream on `127.0.0.1:0`: `serve(stream, n)` runs for each connection it
+/// accepts, `n` counting them from 0. Returns its address and how many it has accepted.
+pub async fn raw_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(tokio::net::TcpStream, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s, count.fetch_add(1, Ordering::SeqCst)));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Sends `n` GETs to `{prefix}{i}` at once (as beta) and asserts that each answer is the test
+/// upstream's echo of its own path.
+pub async fn assert_each_gets_its_own(kg: &Keygate, prefix: &str, n: usize) {
+    let each = (0..n).map(|i| {
+        let path = format!("{prefix}{i}");
+        let rb = kg.client.get(kg.url(&path)).header("x-api-key", BETA_KEY);
+        async move { (path, send(rb).await) }
+    });
+    for (path, r) in futures_util::future::join_all(each).await {
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        assert_eq!(r.body["path"], path.as_str());
+    }
+}
+
 pub async fn read_head(s: &mut tokio::net::TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
