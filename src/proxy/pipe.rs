@@ -143,12 +143,6 @@ impl Pipe {
     pub fn is_closed(&self) -> bool {
         self.lock().conn.is_none()
     }
-
-    /// Whether no answer is outstanding.
-    pub fn is_idle(&self) -> bool {
-        let st = self.lock();
-        st.first + st.tickets.len() as u64 == st.read
-    }
 }
 
 impl State {
