@@ -730,6 +730,47 @@ mod tests {
         assert!(d.whole(&mut buf).is_err());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A pipe takes an answer whole only once every byte of it is in: for any chunking of
+        /// any body, every proper prefix of the chunked framing is "not yet" (with the buffer
+        /// untouched), and the whole of it gives the body back, leaving what follows.
+        #[test]
+        fn whole_waits_for_the_last_byte_of_a_chunked_body(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            cuts in proptest::collection::vec(1usize..40, 0..12),
+        ) {
+            let mut wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            let head_len = wire.len();
+            let mut rest = &body[..];
+            for c in cuts.iter().chain(std::iter::once(&usize::MAX)) {
+                let n = (*c).min(rest.len());
+                if n == 0 {
+                    break;
+                }
+                wire.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+                wire.extend_from_slice(&rest[..n]);
+                wire.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+            }
+            wire.extend_from_slice(b"0\r\n\r\n");
+            for end in head_len..wire.len() {
+                let mut buf = BytesMut::from(&wire[..end]);
+                let mut d = parse_head(&mut buf, &Method::GET).unwrap().unwrap().decoder;
+                let before = buf.clone();
+                proptest::prop_assert_eq!(d.whole(&mut buf).unwrap(), None);
+                proptest::prop_assert_eq!(&buf, &before);
+            }
+            let mut buf = BytesMut::from(&wire[..]);
+            buf.extend_from_slice(b"NEXT");
+            let mut d = parse_head(&mut buf, &Method::GET).unwrap().unwrap().decoder;
+            let got = d.whole(&mut buf).unwrap().unwrap();
+            proptest::prop_assert_eq!(got.as_deref().unwrap_or(b""), &body[..]);
+            proptest::prop_assert_eq!(&buf[..], b"NEXT");
+        }
+    }
+
     /// Decodes all of `input`, fed in pieces of `step` bytes.
     fn decode_all(d: &mut Decoder, input: &[u8], step: usize) -> Result<Vec<u8>, H1Error> {
         let mut buf = BytesMut::new();
