@@ -10,6 +10,10 @@
 //! in the instant between checkout and the request is retried once on a fresh connection when
 //! that is safe (no body, an idempotent method, nothing answered).
 //!
+//! With `upstream.pipeline` above 1, bodiless `GET`s and `HEAD`s go on connections they share
+//! instead ([`super::pipe`]); what a broken pipe leaves unanswered comes back here, to a
+//! connection of its own.
+//!
 //! For an `https://` upstream each connection is a rustls session, set up within the connect
 //! timeout. Upgrades (WebSocket) and `CONNECT` get a connection of their own, never pooled,
 //! on which hyper's client makes the request and which then becomes the tunnel.
