@@ -249,11 +249,9 @@ impl State {
                 return Ok(false);
             }
             None => {
-                let Some(mut conn) = self.conn.take() else {
+                let Some(conn) = self.conn.take() else {
                     return Ok(false);
                 };
-                head.reuse = false;
-                conn.head = Vec::new();
                 Answer::Stream(head, conn)
             }
         };

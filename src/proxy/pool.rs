@@ -247,18 +247,20 @@ impl Pool {
         // writes, so their heads go out in one write.
         tokio::task::yield_now().await;
         Ok(match wait.await {
-            Answer::Whole(head, body) => Some(response(head, Pooled(Kind::Whole(body)))),
-            Answer::Stream(head, conn) => {
-                let decoder = head.decoder.clone();
-                let back = None;
-                Some(response(
-                    head,
-                    Pooled(Kind::Stream {
-                        conn,
-                        decoder,
-                        back,
-                    }),
-                ))
+            Answer::Whole(h, body) => Some(response(
+                h.status,
+                h.version,
+                h.headers,
+                Pooled(Kind::Whole(body)),
+            )),
+            Answer::Stream(h, conn) => {
+                let (decoder, back) = (h.decoder, None);
+                let body = Pooled(Kind::Stream {
+                    conn,
+                    decoder,
+                    back,
+                });
+                Some(response(h.status, h.version, h.headers, body))
             }
             Answer::Failed(e) => return Err(e.into()),
             Answer::Unanswered => None,
@@ -312,10 +314,6 @@ impl Pool {
             mut decoder,
             reuse,
         } = head;
-        let mut resp = Response::new(());
-        *resp.status_mut() = status;
-        *resp.version_mut() = version;
-        *resp.headers_mut() = headers;
         // The common case: the whole body came with the head, and the connection can go back
         // before the response is even returned.
         let whole = match decoder.remaining() {
@@ -336,7 +334,7 @@ impl Pool {
                 back: reuse.then(|| self.clone()),
             }),
         };
-        Ok(resp.map(|()| body))
+        Ok(response(status, version, headers, body))
     }
 
     fn put(&self, conn: Conn) {
@@ -353,12 +351,17 @@ impl Pool {
     }
 }
 
-/// The response of a parsed head.
-fn response(head: h1::Head, body: Pooled) -> Response<Pooled> {
+/// The response of a parsed head (for either path: one connection, or a pipe).
+fn response(
+    status: http::StatusCode,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: Pooled,
+) -> Response<Pooled> {
     let mut resp = Response::new(body);
-    *resp.status_mut() = head.status;
-    *resp.version_mut() = head.version;
-    *resp.headers_mut() = head.headers;
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
     resp
 }
 
