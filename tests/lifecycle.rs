@@ -376,6 +376,92 @@ async fn idle_keep_alive_connections_are_closed() {
     );
 }
 
+/// The header timeout does not run through the idle wait between keep-alive requests: a
+/// connection idle for several header timeouts, but within the idle timeout, still serves.
+/// (hyper's own timer closed it after one header timeout.)
+#[tokio::test]
+async fn idle_keep_alive_connections_outlive_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.proxy.push(r#"header_read_timeout = "200ms""#.into());
+    cfg.proxy.push(r#"idle_timeout = "30s""#.into());
+    let kg = Keygate::start(&cfg.render()).await;
+    let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    let req = format!("GET /api/x HTTP/1.1\r\nHost: a\r\nx-api-key: {ALPHA_KEY}\r\n\r\n");
+    for round in 0..2 {
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "round {round}: {text:?}");
+        // Four header timeouts (and past the watchdog's lateness) of keep-alive idleness.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+    assert_eq!(up.hits(), 2);
+}
+
+/// An HTTP/2 connection is not held to the header timeout between requests, nor before its
+/// first: its frames are not a request head (HTTP/2 bounds its streams itself). One that waits
+/// several header timeouts before each request is still served.
+#[tokio::test]
+async fn http2_connections_may_wait_between_requests_past_the_header_timeout() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.proxy.push(r#"header_read_timeout = "200ms""#.into());
+    cfg.proxy.push(r#"idle_timeout = "30s""#.into());
+    let kg = Keygate::start(&cfg.render()).await;
+    let s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let req = http::Request::get("http://localhost/api/x")
+            .header("x-api-key", ALPHA_KEY)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the connection was closed: {e}"));
+        assert_eq!(resp.status(), 200, "round {round}");
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(up.hits(), 2);
+}
+
+/// A connection that opens and sends nothing owes its first head within
+/// `proxy.header_read_timeout`, not the (longer) idle timeout.
+#[tokio::test]
+async fn silent_new_connections_are_cut_after_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.proxy.push(r#"header_read_timeout = "200ms""#.into());
+    cfg.proxy.push(r#"idle_timeout = "30s""#.into());
+    let kg = Keygate::start(&cfg.render()).await;
+    let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("a silent connection should be cut well before the idle timeout")
+        .ok();
+    assert!(out.is_empty(), "{out:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "cut before the header timeout"
+    );
+}
+
 /// A client that never finishes its request head is cut off after `proxy.header_read_timeout`
 /// (slowloris).
 #[tokio::test]

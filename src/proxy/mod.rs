@@ -11,6 +11,7 @@ pub mod pipe;
 pub mod pool;
 pub mod server;
 pub mod values;
+pub mod watch;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -5,16 +5,17 @@
 //! hyper-util's HTTP/1 + HTTP/2 builder with a timer, header and HTTP/2 limits set explicitly.
 //!
 //! The drain is hand-rolled rather than hyper-util's `GracefulShutdown` because each connection
-//! also needs an idle watchdog (the auto builder never closes an idle keep-alive connection),
-//! and both have to call `graceful_shutdown` on the same pinned connection.
+//! also has a watchdog for its header-read and idle timeouts ([`super::watch`]; the auto
+//! builder never closes an idle keep-alive connection), and both have to act on the same pinned
+//! connection.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
+use http::{Request, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -23,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
+use super::watch::{Activity, Counted, Verdict, Watchdog};
 use super::{ConnInfo, Proxy};
 use crate::config::ProxyConfig;
 
@@ -55,7 +57,9 @@ pub fn builder(l: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(l.header_read_timeout)
+        // Kept by the connection's watchdog instead: hyper's timer also runs through the idle
+        // wait between requests, and costs a timer per request (see `watch`).
+        .header_read_timeout(None::<Duration>)
         .keep_alive(true)
         // hyper's minimum buffer is 8 KiB; the header budget bounds it from above.
         .max_buf_size(l.max_header_bytes.max(8192))
@@ -194,13 +198,13 @@ pub async fn serve<A: Acceptor>(
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
-        let idle = limits.idle_timeout;
+        let dog = (limits.idle_timeout, limits.header_read_timeout);
         let metrics = metrics.clone();
         tokio::spawn(async move {
             metrics.connections.inc();
             metrics.open_connections.inc();
             if let Ok(io) = acceptor.accept(stream).await {
-                connection(io, peer, proxy, &builder, idle, shutdown).await;
+                connection(io, peer, proxy, &builder, dog, shutdown).await;
             }
             metrics.open_connections.dec();
             drop(guard);
@@ -229,38 +233,18 @@ pub async fn serve<A: Acceptor>(
     }
 }
 
-/// Activity of one connection, for its idle watchdog.
-#[derive(Debug, Default)]
-struct Activity {
-    in_flight: AtomicUsize,
-    /// Milliseconds since the connection started, at the last request's end.
-    last_ms: AtomicI64,
-}
-
-struct InFlight<'a>(&'a Activity, tokio::time::Instant);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0
-            .last_ms
-            .store(self.1.elapsed().as_millis() as i64, Ordering::Release);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 async fn connection<I>(
     io: I,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
-    idle: Duration,
+    (idle, header): (Duration, Duration),
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(ConnInfo::new(peer));
     let activity = Arc::new(Activity::default());
-    let started = tokio::time::Instant::now();
     let svc = {
         let activity = activity.clone();
         service_fn(move |req: Request<Incoming>| {
@@ -268,16 +252,20 @@ async fn connection<I>(
             let info = info.clone();
             let activity = activity.clone();
             async move {
-                activity.in_flight.fetch_add(1, Ordering::AcqRel);
-                let _g = InFlight(&activity, started);
+                let _g = activity.begin(req.version() == Version::HTTP_2);
                 proxy.handle(req, &info).await
             }
         })
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let io = TokioIo::new(Counted::new(io, activity.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
-    let mut tick = tokio::time::interval_at(started + idle / 2, idle / 2);
+    let mut dog = Watchdog::new(idle, header);
+    let period = Watchdog::period(idle, header);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // Each tick counts as a whole period, so late ticks must not come in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -290,13 +278,19 @@ async fn connection<I>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = tick.tick(), if !draining => {
-                let quiet = started.elapsed().as_millis() as i64 - activity.last_ms.load(Ordering::Acquire);
-                if activity.in_flight.load(Ordering::Acquire) == 0 && quiet >= idle.as_millis() as i64 {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
+            _ = tick.tick() => match dog.check(&activity) {
+                Verdict::Fine => {}
+                Verdict::Idle => {
+                    if !draining {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
-            }
+                Verdict::SlowHead => {
+                    tracing::debug!(%peer, "request head not complete within the header timeout");
+                    return;
+                }
+            },
         }
     }
 }
