@@ -450,6 +450,9 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let mut resp = Response::new(Either::Right(Full::new(snap.errors.body(d))));
         *resp.status_mut() = d.status();
+        // Room for every field this can add (four of ours, five rate fields with a key) and
+        // `handle`'s `x-request-id`, so the map never grows: a 429 rehashed and reallocated it.
+        *resp.headers_mut() = http::HeaderMap::with_capacity(if key.is_some() { 10 } else { 5 });
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, JSON.clone());
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
