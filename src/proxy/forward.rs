@@ -19,9 +19,7 @@ pub static X_KEYGATE_KEY_ID: HeaderName = HeaderName::from_static("x-keygate-key
 pub static X_KEYGATE_PLAN: HeaderName = HeaderName::from_static("x-keygate-plan");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -98,10 +96,28 @@ impl Target {
     }
 }
 
+/// Which of [`HOP_BY_HOP`] (bit i) and `Content-Length` (bit 9) are present: one pass over the
+/// names, so that only fields that are there cost a `remove` (each hashes its name). Nearly
+/// every request has none of them, nearly every response only `Connection`.
+fn hop_fields(headers: &HeaderMap) -> u16 {
+    const CONTENT_LENGTH_BIT: u16 = 1 << HOP_BY_HOP.len();
+    let mut found = 0;
+    for n in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| *h == n) {
+            found |= 1 << i;
+        } else if n == header::CONTENT_LENGTH {
+            found |= CONTENT_LENGTH_BIT;
+        }
+    }
+    found
+}
+
 /// Removes hop-by-hop fields, including those the `Connection` header names; with `framing`,
 /// also `Content-Length` (requests are re-framed by hyper from the body).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, framing: bool) {
-    if headers.contains_key(header::CONNECTION) {
+    let found = hop_fields(headers);
+    // Bit 0 is `Connection`.
+    if found & 1 != 0 {
         // `keep-alive`, `close` and the fixed list go anyway: no name is made (and allocated)
         // for them, which is nearly every `Connection` field an upstream sends.
         let named: Vec<HeaderName> = headers
@@ -121,10 +137,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, framing: bool) {
             headers.remove(n);
         }
     }
-    for h in HOP_BY_HOP {
-        headers.remove(h);
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(*h);
+        }
     }
-    if framing {
+    if framing && found & (1 << HOP_BY_HOP.len()) != 0 {
         headers.remove(header::CONTENT_LENGTH);
     }
 }
@@ -151,22 +169,33 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Rewrites request headers for the upstream (see the module docs for the order).
 pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     strip_hop_by_hop(headers, true);
-    for h in f.credential_headers {
-        headers.remove(*h);
-    }
-    // One pass over the names for the patterns a fixed list cannot name.
-    // Untrusted, any `X-Forwarded-*` (Port, Prefix, Server, Uri, …) and `X-Real-IP` could
-    // mislead the upstream about the client; keygate sets For and Proto itself below.
+    // One pass over the names: which credential headers are there (bit i % 64 for the i-th:
+    // past 64 names a bit stands for several, which costs a needless `remove`, never a missed
+    // one), and the patterns a fixed list cannot name. Untrusted,
+    // `Forwarded`, any `X-Forwarded-*` (Host, Port, Prefix, Server, Uri, …) and `X-Real-IP`
+    // could mislead the upstream about the client; keygate sets For and Proto itself below.
+    let creds = f.credential_headers;
+    let mut present = 0u64;
     let suspicious: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
+            if let Some(i) = creds.iter().position(|c| *c == *n) {
+                present |= 1 << (i % 64);
+                return false;
+            }
             let n = n.as_str();
             n.contains('_')
                 || n.starts_with("x-keygate-")
-                || (!f.trust_forwarded && (n.starts_with("x-forwarded-") || n == "x-real-ip"))
+                || (!f.trust_forwarded
+                    && (n.starts_with("x-forwarded-") || n == "x-real-ip" || n == "forwarded"))
         })
         .cloned()
         .collect();
+    for (i, h) in creds.iter().enumerate() {
+        if present & (1 << (i % 64)) != 0 {
+            headers.remove(*h);
+        }
+    }
     for n in suspicious {
         headers.remove(n);
     }
@@ -187,8 +216,6 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
         // The caller already kept the client's id if it was sane.
         headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
     } else {
-        headers.remove(&FORWARDED);
-        headers.remove(&X_FORWARDED_HOST);
         headers.insert(X_FORWARDED_FOR.clone(), f.peer.clone());
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
         headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
@@ -304,6 +331,42 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-request-id"], "abc");
         assert_eq!(h["accept"], "*/*");
+    }
+
+    #[test]
+    fn every_credential_header_present_goes_whichever_is_first() {
+        let names: Vec<&'static HeaderName> = (0..70)
+            .map(|i| {
+                &*Box::leak(Box::new(
+                    HeaderName::from_bytes(format!("x-cred-{i}").as_bytes()).unwrap(),
+                ))
+            })
+            .collect();
+        let peer = HeaderValue::from_static("127.0.0.1");
+        for creds in [&names[..2], &names[..]] {
+            let f = Forwarding {
+                credential_headers: creds,
+                key: None,
+                peer: &peer,
+                proto: "http",
+                trust_forwarded: false,
+                request_id: HeaderValue::from_static("abc"),
+            };
+            // Only the second, then the last (past 64) and another, with unrelated fields.
+            let last = creds.len() - 1;
+            let mut h = map(&[("accept", "*/*"), (names[1].as_str(), "k")]);
+            h.append(creds[last], HeaderValue::from_static("k2"));
+            h.append(names[0], HeaderValue::from_static("k3"));
+            request_headers(&mut h, &f);
+            for n in creds {
+                assert!(
+                    h.get(*n).is_none(),
+                    "{n} kept with {} credential names",
+                    creds.len()
+                );
+            }
+            assert_eq!(h["accept"], "*/*");
+        }
     }
 
     #[test]
