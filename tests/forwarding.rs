@@ -366,14 +366,10 @@ fn with_ws_route(mut cfg: Cfg) -> String {
     cfg.render()
 }
 
-/// On a route with `upgrade = true`, a WebSocket handshake reaches the upstream with its
-/// `Upgrade`/`Connection` pair (and without the key), the 101 comes back, and bytes then flow
-/// both ways through the tunnel, which the gauge counts while it is open.
-#[tokio::test]
-async fn a_websocket_upgrade_is_tunnelled_on_an_upgrade_route() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (up, head) = upgrade_upstream().await;
-    let kg = Keygate::start(&with_ws_route(Cfg::new(up))).await;
+/// Sends a WebSocket handshake with alpha's key; the stream once the 101 is read, and its head
+/// in lower case.
+async fn open_tunnel(kg: &Keygate) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
     s.write_all(
         format!(
@@ -387,6 +383,49 @@ async fn a_websocket_upgrade_is_tunnelled_on_an_upgrade_route() {
     .unwrap();
     let resp = read_head(&mut s).await.unwrap().to_ascii_lowercase();
     assert!(resp.starts_with("http/1.1 101"), "{resp}");
+    (s, resp)
+}
+
+/// A drain waits for open tunnels as for requests in flight: once shutdown begins the listener
+/// closes, but an open tunnel still carries bytes and the server does not finish until it
+/// closes (well within the drain timeout).
+#[tokio::test]
+async fn a_drain_waits_for_open_tunnels() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, _head) = upgrade_upstream().await;
+    let mut cfg = Cfg::new(up);
+    cfg.proxy.push(r#"drain_timeout = "60s""#.into());
+    let kg = Keygate::start(&with_ws_route(cfg)).await;
+    let (mut s, _) = open_tunnel(&kg).await;
+    kg.shutdown();
+    poll_until(Duration::from_secs(5), "the listener to close", || async {
+        tokio::net::TcpStream::connect(kg.proxy)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    // Time for a drain with nothing to wait for to have finished.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!kg.is_finished(), "the drain must wait for the open tunnel");
+    s.write_all(b"still here").await.unwrap();
+    let mut echo = [0u8; 10];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"still here");
+    drop(s);
+    // Within `stop`'s 10 s, far inside the 60 s drain timeout: the tunnel's end ended it.
+    kg.stop().await;
+}
+
+/// On a route with `upgrade = true`, a WebSocket handshake reaches the upstream with its
+/// `Upgrade`/`Connection` pair (and without the key), the 101 comes back, and bytes then flow
+/// both ways through the tunnel, which the gauge counts while it is open.
+#[tokio::test]
+async fn a_websocket_upgrade_is_tunnelled_on_an_upgrade_route() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, head) = upgrade_upstream().await;
+    let kg = Keygate::start(&with_ws_route(Cfg::new(up))).await;
+    let (mut s, resp) = open_tunnel(&kg).await;
     assert!(resp.contains("upgrade: websocket"), "{resp}");
     assert!(resp.contains("connection: upgrade"), "{resp}");
     assert!(

@@ -68,14 +68,17 @@ struct Ctx<'a> {
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub peer_header: HeaderValue,
+    /// The listener's drain count: a tunnel holds it open beyond its connection.
+    live: Option<Arc<server::Live>>,
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr) -> Self {
+    pub fn new(peer: SocketAddr, live: Option<Arc<server::Live>>) -> Self {
         ConnInfo {
             peer,
             peer_header: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
+            live,
         }
     }
 }
@@ -420,7 +423,10 @@ impl Proxy {
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
         let tunnels = self.gate.metrics().tunnels_open.clone();
+        // A drain waits for open tunnels too (up to its timeout), as for requests in flight.
+        let draining = ctx.conn.live.as_ref().map(server::Live::enter);
         tokio::spawn(async move {
+            let _draining = draining;
             let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {
                 Ok(both) => both,
                 Err(e) => {

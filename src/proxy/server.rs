@@ -10,7 +10,6 @@
 //! connection.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,21 +76,23 @@ pub fn builder(l: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Tracks live connections so a drain can wait for them.
+/// Tracks live connections, and the tunnels they became, so a drain can wait for them.
 #[derive(Debug, Default)]
-struct Live {
+pub struct Live {
     count: AtomicUsize,
     zero: Notify,
 }
 
 impl Live {
-    fn enter(self: &Arc<Self>) -> LiveGuard {
+    /// Counts one more until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> LiveGuard {
         self.count.fetch_add(1, Ordering::AcqRel);
         LiveGuard(self.clone())
     }
 }
 
-struct LiveGuard(Arc<Live>);
+/// Holds a drain open while it lives.
+pub struct LiveGuard(Arc<Live>);
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
@@ -198,13 +199,15 @@ pub async fn serve<A: Acceptor>(
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
+        let live = live.clone();
         let dog = (limits.idle_timeout, limits.header_read_timeout);
         let metrics = metrics.clone();
         tokio::spawn(async move {
             metrics.connections.inc();
             metrics.open_connections.inc();
             if let Ok(io) = acceptor.accept(stream).await {
-                connection(io, peer, proxy, &builder, dog, shutdown).await;
+                let info = Arc::new(ConnInfo::new(peer, Some(live)));
+                connection(io, info, proxy, &builder, dog, shutdown).await;
             }
             metrics.open_connections.dec();
             drop(guard);
@@ -235,7 +238,7 @@ pub async fn serve<A: Acceptor>(
 
 async fn connection<I>(
     io: I,
-    peer: SocketAddr,
+    info: Arc<ConnInfo>,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     (idle, header): (Duration, Duration),
@@ -243,7 +246,7 @@ async fn connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let info = Arc::new(ConnInfo::new(peer));
+    let peer = info.peer;
     let activity = Arc::new(Activity::default());
     let svc = {
         let activity = activity.clone();
