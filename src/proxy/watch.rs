@@ -2,8 +2,9 @@
 //!
 //! - **Header read:** a request head, once begun, must be complete within
 //!   `proxy.header_read_timeout` (slowloris); so must the first one on a new connection.
-//! - **Idle:** a keep-alive connection with nothing in flight, nothing answered and no head
-//!   begun for `proxy.idle_timeout` is closed gracefully.
+//! - **Idle:** a keep-alive connection with nothing in flight, no request ended and no head
+//!   begun for `proxy.idle_timeout` is closed gracefully (a long answer still streaming is
+//!   finished first).
 //!
 //! hyper's own header timer is armed at the start of every head read, which includes the idle
 //! wait between keep-alive requests: it closed idle connections after the header timeout, not
@@ -146,7 +147,11 @@ impl Watchdog {
             self.head_ticks = 0;
             return Verdict::Fine;
         }
-        let answered = now.ended != before.ended || now.written != before.written;
+        let ended = now.ended != before.ended;
+        // Still writing an answer whose handler has returned (a long body) holds a pipelined
+        // head's clock, but not the idle one: HTTP/2's keep-alive pings write too, and must not
+        // keep an idle connection open for ever.
+        let answered = ended || now.written != before.written;
         // A head that was already open at the last tick, with no answer since, has aged a
         // whole period; one that opened since, less than one.
         self.head_ticks = match (now.head_open, before.head_open && !answered) {
@@ -157,7 +162,7 @@ impl Watchdog {
         // An open head is the header timeout's to judge, however long the idle one is.
         self.idle_ticks = if now.head_open {
             0
-        } else if answered {
+        } else if ended {
             1
         } else {
             self.idle_ticks.saturating_add(1)
@@ -353,6 +358,24 @@ mod tests {
             ticks_until(&mut w, head(1, 99_000), 100),
             Some((8, Verdict::SlowHead))
         );
+    }
+
+    #[test]
+    fn bytes_written_alone_do_not_keep_a_connection_from_idling() {
+        // HTTP/2 pings (or the tail of a long answer): `written` moves, no request ends.
+        let mut w = dog();
+        assert_eq!(w.tick(idle(1, 100)), Verdict::Fine);
+        let mut verdict = None;
+        for i in 1..=10 {
+            match w.tick(idle(1, 100 + i * 17)) {
+                Verdict::Fine => {}
+                v => {
+                    verdict = Some((i, v));
+                    break;
+                }
+            }
+        }
+        assert_eq!(verdict, Some((4, Verdict::Idle)));
     }
 
     #[test]
