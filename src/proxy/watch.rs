@@ -12,6 +12,10 @@
 //! request. Here the connection's reads and writes and the service's requests bump plain
 //! counters, and one interval per connection ([`Watchdog::period`]) compares them with what it
 //! saw at its last tick. [`Watchdog::tick`] is the pure decision; [`Counted`] the counting IO.
+//!
+//! The IO cannot tell a body's bytes from a pipelined head's, so a request's end marks all read
+//! so far as used: a partial head pipelined behind a request, then stalled, is left to the idle
+//! timeout.
 
 use std::io;
 use std::pin::Pin;
