@@ -246,3 +246,37 @@ async fn many_requests_at_once_on_a_real_upstream_each_get_their_own_answer() {
     assert_each_gets_its_own(&kg, "/api/many/", 48).await;
     assert_eq!(up.hits(), 48);
 }
+
+/// A reload that turns pipelining on gets a new pool, so it takes effect at once: the next
+/// connection is a pipe. (Were the old pool kept, the second `/api/open` would be the second
+/// request on its idle connection, which the scripted upstream holds, and time out.)
+#[tokio::test]
+async fn a_reload_that_turns_pipelining_on_takes_effect() {
+    let (addr, accepted) = upstream(Arc::new(|heads: &[String]| {
+        (heads.iter().flat_map(|h| echo(h)).collect(), false)
+    }))
+    .await;
+    let mut cfg = Cfg::new(addr);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    write_file(&path, &cfg.render());
+    let kg = Keygate::start_with(
+        &cfg.render(),
+        keygate::clock::Clock::manual(T0),
+        Some(path.clone()),
+    )
+    .await;
+    let open = || async {
+        let r = tokio::time::timeout(Duration::from_secs(10), kg.get("/api/open", Some(BETA_KEY)))
+            .await
+            .expect("the request was held: the pool was not replaced");
+        assert_eq!((r.status, r.text()), (200, "/api/open"));
+    };
+    open().await;
+    cfg.upstream_extra.push("pipeline = 8".into());
+    write_file(&path, &cfg.render());
+    kg.server.reload().expect("the edited config is valid");
+    open().await;
+    assert_own_answers(&three(&kg).await);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
