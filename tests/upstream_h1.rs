@@ -273,3 +273,42 @@ async fn request_bodies_are_framed_by_what_is_known_of_their_length() {
     assert_eq!(r.status, 200);
     assert_eq!(up.last_headers()["content-length"], "0");
 }
+
+/// An idle upstream connection is closed once past `upstream.pool_idle_timeout` with no request
+/// to walk past it, and so is an idle pipe: the upstream sees keygate hang up.
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_without_traffic() {
+    use std::time::{Duration, Instant};
+    for pipeline in [1, 8] {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (addr, _) = raw_upstream(move |mut s, _| {
+            let tx = tx.clone();
+            async move {
+                while read_head(&mut s).await.is_some() {
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Instant::now());
+            }
+        })
+        .await;
+        let mut cfg = Cfg::new(addr);
+        cfg.upstream_extra.push(format!("pipeline = {pipeline}"));
+        cfg.upstream_extra
+            .push(r#"pool_idle_timeout = "300ms""#.into());
+        let kg = Keygate::start(&cfg.render()).await;
+        let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
+        assert_eq!((r.status, r.text()), (200, "ok"));
+        let answered = Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("pipeline {pipeline}: the idle connection stayed open"))
+            .unwrap();
+        assert!(
+            closed.duration_since(answered) >= Duration::from_millis(250),
+            "pipeline {pipeline}: closed before the idle timeout"
+        );
+    }
+}

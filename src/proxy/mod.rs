@@ -113,6 +113,14 @@ impl Proxy {
         (target, pool)
     }
 
+    /// Closes the upstream pool's stale idle connections ([`pool::Pool::prune`]); the time
+    /// until the next pass: half the pool's idle timeout, at most five seconds.
+    pub fn prune_upstream(&self) -> std::time::Duration {
+        let upstream = self.upstream.load();
+        upstream.1.prune();
+        (upstream.1.idle_timeout() / 2).min(std::time::Duration::from_secs(5))
+    }
+
     /// Picks up a reloaded upstream: a new address (or pipelining depth) gets a new pool, the
     /// same plain-HTTP one keeps its connections. A TLS upstream always gets a new pool, so
     /// that renewed CA files and names apply to every connection after the reload.

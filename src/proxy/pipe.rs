@@ -118,13 +118,8 @@ impl Pipe {
         if outstanding as usize >= depth {
             return None;
         }
-        if outstanding == 0 {
-            let fresh = st.idle_since.elapsed() <= idle;
-            let open = st.conn.as_mut().is_some_and(Conn::idle_ok);
-            if !(fresh && open) {
-                st.conn = None;
-                return None;
-            }
+        if outstanding == 0 && st.close_if_stale(idle) {
+            return None;
         }
         st.conn.as_ref()?;
         encode(&mut st.out);
@@ -143,11 +138,32 @@ impl Pipe {
     pub fn is_closed(&self) -> bool {
         self.lock().conn.is_none()
     }
+
+    /// With nothing outstanding, closes the pipe if it has been idle past `idle` or the
+    /// upstream closed it; whether it is closed.
+    pub fn close_if_stale(&self, idle: std::time::Duration) -> bool {
+        let mut st = self.lock();
+        if st.next() == st.read {
+            st.close_if_stale(idle)
+        } else {
+            st.conn.is_none()
+        }
+    }
 }
 
 impl State {
     fn next(&self) -> u64 {
         self.first + self.tickets.len() as u64
+    }
+
+    /// For a pipe with nothing outstanding: closes it if idle past `idle` or closed by the
+    /// upstream; whether it is closed.
+    fn close_if_stale(&mut self, idle: std::time::Duration) -> bool {
+        let fresh = self.idle_since.elapsed() <= idle;
+        if !(fresh && self.conn.as_mut().is_some_and(Conn::idle_ok)) {
+            self.conn = None;
+        }
+        self.conn.is_none()
     }
 
     fn ticket(&mut self, t: u64) -> &mut Ticket {

@@ -6,7 +6,8 @@
 //! two wake-ups per request): issue 5's profiles, BENCHMARKS.md. A connection goes back to the
 //! pool when its response body has been read to the end with nothing after it; one dropped
 //! part-way is closed rather than reused. An idle connection the upstream closed is noticed at
-//! checkout from the reactor's readiness, without a syscall while it is quiet; one that closes
+//! checkout from the reactor's readiness, without a syscall while it is quiet, or by the
+//! worker's periodic [`Pool::prune`], which also closes those idle too long; one that closes
 //! in the instant between checkout and the request is retried once on a fresh connection when
 //! that is safe (no body, an idempotent method, nothing answered).
 //!
@@ -134,6 +135,11 @@ impl Pool {
         &self.0.addr
     }
 
+    /// How long a connection may sit idle (`upstream.pool_idle_timeout`).
+    pub fn idle_timeout(&self) -> Duration {
+        self.0.idle_timeout
+    }
+
     /// Requests in flight on one connection at most (`upstream.pipeline`).
     pub fn pipeline(&self) -> usize {
         self.0.pipeline
@@ -145,6 +151,24 @@ impl Pool {
     }
 
     /// A pooled connection that is still open, if any.
+    /// Closes the idle connections and pipes that the upstream has closed or that have been
+    /// idle past `upstream.pool_idle_timeout`. Checkout skips those too, but only those it
+    /// walks past: without this a burst's extra connections would sit (in `CLOSE_WAIT`, once
+    /// the upstream gave up on them) until traffic next reached them.
+    pub fn prune(&self) {
+        let timeout = self.0.idle_timeout;
+        self.0
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain_mut(|i| i.since.elapsed() <= timeout && i.conn.idle_ok());
+        self.0
+            .pipes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| !p.close_if_stale(timeout));
+    }
+
     fn checkout(&self) -> Option<Conn> {
         loop {
             let mut idle = self

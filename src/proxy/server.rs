@@ -176,6 +176,19 @@ pub async fn serve<A: Acceptor>(
     let live = Arc::new(Live::default());
     let builder = Arc::new(builder(&limits));
     let metrics = proxy.gate.metrics().clone();
+    let pruner = tokio::spawn({
+        let proxy = proxy.clone();
+        let mut shutdown = shutdown.clone();
+        async move {
+            loop {
+                let next = proxy.prune_upstream();
+                tokio::select! {
+                    _ = crate::server::stopped(&mut shutdown) => return,
+                    _ = tokio::time::sleep(next) => {}
+                }
+            }
+        }
+    });
     loop {
         let permit = tokio::select! {
             _ = crate::server::stopped(&mut shutdown) => break,
@@ -215,6 +228,7 @@ pub async fn serve<A: Acceptor>(
         });
     }
     drop(listener);
+    pruner.abort();
     // Drain: wait for live connections, at most the drain timeout.
     let wait = async {
         loop {
