@@ -77,10 +77,17 @@ impl Clock {
     /// The current time for the gate's decisions.
     #[inline]
     pub fn now(&self) -> Now {
+        self.now_at(&Stopwatch::start())
+    }
+
+    /// [`Clock::now`] as of when `watch` started (a manual clock ignores it): a request's
+    /// decisions and its latency metrics from one reading of the clock.
+    #[inline]
+    pub fn now_at(&self, watch: &Stopwatch) -> Now {
         match &*self.0 {
             Inner::System => {
                 let b = base();
-                let elapsed = b.start.elapsed();
+                let elapsed = watch.0.saturating_duration_since(b.start);
                 Now {
                     wall_ms: b.start_wall_ms + elapsed.as_millis() as i64,
                     mono_ns: elapsed.as_nanos() as u64,
@@ -161,6 +168,25 @@ mod tests {
     }
 
     #[test]
+    fn now_at_reads_the_stopwatch_not_the_clock() {
+        let c = Clock::system();
+        let first = Stopwatch::start();
+        while first.elapsed() < Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        let second = Stopwatch::start();
+        let (a, b) = (c.now_at(&first), c.now_at(&second));
+        assert!(b.mono_ns - a.mono_ns >= 2_000_000, "{a:?} {b:?}");
+        // The same reading gives the same time, however late it is asked.
+        assert_eq!(c.now_at(&first), a);
+        assert!(second.since(&first) >= Duration::from_millis(2));
+        assert_eq!(first.since(&second), Duration::ZERO);
+        // A manual clock keeps its own time.
+        let m = Clock::manual(1_000);
+        assert_eq!(m.now_at(&second), m.now());
+    }
+
+    #[test]
     fn system_clock_is_near_real_time_and_moves() {
         let c = Clock::system();
         let real = wall_now_ms();
@@ -196,5 +222,11 @@ impl Stopwatch {
     #[inline]
     pub fn elapsed(&self) -> Duration {
         self.0.elapsed()
+    }
+
+    /// The time from `earlier`'s start to this one's.
+    #[inline]
+    pub fn since(&self, earlier: &Stopwatch) -> Duration {
+        self.0.saturating_duration_since(earlier.0)
     }
 }

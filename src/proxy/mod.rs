@@ -165,7 +165,7 @@ impl Proxy {
         request_id: &HeaderValue,
     ) -> Response<ProxyBody> {
         let watch = Stopwatch::start();
-        let now = self.gate.clock().now();
+        let now = self.gate.clock().now_at(&watch);
         let (parts, body) = req.into_parts();
         if let Some(d) = framing_denial(&parts) {
             snap.count(None, Outcome::Denied(d));
@@ -318,10 +318,10 @@ impl Proxy {
         };
         let watch = ctx.watch;
         let metrics = self.gate.metrics();
+        let upstream_watch = Stopwatch::start();
         metrics
             .overhead_seconds
-            .observe(watch.elapsed().as_secs_f64());
-        let upstream_watch = Stopwatch::start();
+            .observe(upstream_watch.since(&watch).as_secs_f64());
         let result = tokio::time::timeout(cfg.upstream.request_timeout, pool.send(req)).await;
         metrics
             .upstream_seconds
