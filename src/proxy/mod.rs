@@ -69,11 +69,11 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub peer_header: HeaderValue,
     /// The listener's drain count: a tunnel holds it open beyond its connection.
-    live: Option<Arc<server::Live>>,
+    live: Arc<server::Live>,
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, live: Option<Arc<server::Live>>) -> Self {
+    pub fn new(peer: SocketAddr, live: Arc<server::Live>) -> Self {
         ConnInfo {
             peer,
             peer_header: HeaderValue::from_str(&peer.ip().to_string())
@@ -432,7 +432,7 @@ impl Proxy {
         let upstream_side = hyper::upgrade::on(&mut resp);
         let tunnels = self.gate.metrics().tunnels_open.clone();
         // A drain waits for open tunnels too (up to its timeout), as for requests in flight.
-        let draining = ctx.conn.live.as_ref().map(server::Live::enter);
+        let draining = ctx.conn.live.enter();
         tokio::spawn(async move {
             let _draining = draining;
             let (client, upstream) = match tokio::try_join!(client_side, upstream_side) {

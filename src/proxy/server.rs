@@ -219,7 +219,7 @@ pub async fn serve<A: Acceptor>(
             metrics.connections.inc();
             metrics.open_connections.inc();
             if let Ok(io) = acceptor.accept(stream).await {
-                let info = Arc::new(ConnInfo::new(peer, Some(live)));
+                let info = Arc::new(ConnInfo::new(peer, live));
                 connection(io, info, proxy, &builder, dog, shutdown).await;
             }
             metrics.open_connections.dec();
