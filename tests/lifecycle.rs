@@ -376,17 +376,23 @@ async fn idle_keep_alive_connections_are_closed() {
     );
 }
 
+/// keygate with a 200 ms header timeout and a 30 s idle one, and its upstream.
+async fn header_timeout_200ms() -> (Upstream, Keygate) {
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.proxy.push(r#"header_read_timeout = "200ms""#.into());
+    cfg.proxy.push(r#"idle_timeout = "30s""#.into());
+    let kg = Keygate::start(&cfg.render()).await;
+    (up, kg)
+}
+
 /// The header timeout does not run through the idle wait between keep-alive requests: a
 /// connection idle for several header timeouts, but within the idle timeout, still serves.
 /// (hyper's own timer closed it after one header timeout.)
 #[tokio::test]
 async fn idle_keep_alive_connections_outlive_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let up = Upstream::start().await;
-    let mut cfg = Cfg::new(up.addr);
-    cfg.proxy.push(r#"header_read_timeout = "200ms""#.into());
-    cfg.proxy.push(r#"idle_timeout = "30s""#.into());
-    let kg = Keygate::start(&cfg.render()).await;
+    let (up, kg) = header_timeout_200ms().await;
     let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
     let req = format!("GET /api/x HTTP/1.1\r\nHost: a\r\nx-api-key: {ALPHA_KEY}\r\n\r\n");
     for round in 0..2 {
@@ -411,11 +417,7 @@ async fn idle_keep_alive_connections_outlive_the_header_timeout() {
 async fn http2_connections_may_wait_between_requests_past_the_header_timeout() {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let up = Upstream::start().await;
-    let mut cfg = Cfg::new(up.addr);
-    cfg.proxy.push(r#"header_read_timeout = "200ms""#.into());
-    cfg.proxy.push(r#"idle_timeout = "30s""#.into());
-    let kg = Keygate::start(&cfg.render()).await;
+    let (up, kg) = header_timeout_200ms().await;
     let s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
     let (mut send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
@@ -443,11 +445,7 @@ async fn http2_connections_may_wait_between_requests_past_the_header_timeout() {
 #[tokio::test]
 async fn silent_new_connections_are_cut_after_the_header_timeout() {
     use tokio::io::AsyncReadExt;
-    let up = Upstream::start().await;
-    let mut cfg = Cfg::new(up.addr);
-    cfg.proxy.push(r#"header_read_timeout = "200ms""#.into());
-    cfg.proxy.push(r#"idle_timeout = "30s""#.into());
-    let kg = Keygate::start(&cfg.render()).await;
+    let (_up, kg) = header_timeout_200ms().await;
     let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
     let started = std::time::Instant::now();
     let mut out = Vec::new();
