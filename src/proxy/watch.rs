@@ -119,8 +119,9 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// The tick interval: a quarter of the shorter timeout, at least a millisecond. Each
-    /// timeout then fires at most a quarter of itself late, and never early.
+    /// The tick interval: a quarter of the shorter timeout, at least a millisecond. The shorter
+    /// timeout then fires at most a quarter of itself late, the longer at most half the
+    /// shorter one late (it need not be a whole number of periods), and neither early.
     pub fn period(idle: Duration, header: Duration) -> Duration {
         (idle.min(header) / 4).max(Duration::from_millis(1))
     }
