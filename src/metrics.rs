@@ -107,6 +107,11 @@ pub struct Metrics {
     pub state_write_errors: IntCounter,
     /// `keygate_tunnels_open`: upgraded (WebSocket) and `CONNECT` tunnels spliced now.
     pub tunnels_open: IntGauge,
+    /// `keygate_connection_timeouts_total{timeout="header"}`: cut with a request head late.
+    pub header_timeouts: IntCounter,
+    /// `keygate_connection_timeouts_total{timeout="idle"}`: closed as idle.
+    pub idle_closes: IntCounter,
+    timeouts: IntCounterVec,
     striped: Arc<Mutex<Vec<Weak<Striped>>>>,
 }
 
@@ -142,6 +147,14 @@ impl Metrics {
                 "Key cache lookups by result.",
             ),
             &["result"],
+        )?;
+        let timeouts = IntCounterVec::new(
+            Opts::new(
+                "keygate_connection_timeouts_total",
+                "Client connections closed by a timeout: a request head not complete within \
+                 proxy.header_read_timeout, or idle for proxy.idle_timeout.",
+            ),
+            &["timeout"],
         )?;
         let striped = Arc::new(Mutex::new(Vec::new()));
         let cache_hit = Arc::new(Striped::new(cache.with_label_values(&["hit"])));
@@ -184,6 +197,9 @@ impl Metrics {
                 "keygate_tunnels_open",
                 "Upgraded (WebSocket) and CONNECT tunnels open now.",
             )?,
+            header_timeouts: timeouts.with_label_values(&["header"]),
+            idle_closes: timeouts.with_label_values(&["idle"]),
+            timeouts,
             registry,
         };
         let r = &m.registry;
@@ -202,6 +218,7 @@ impl Metrics {
         r.register(Box::new(m.state_write_errors.clone()))?;
         r.register(Box::new(m.upstream_connects.clone()))?;
         r.register(Box::new(m.tunnels_open.clone()))?;
+        r.register(Box::new(m.timeouts.clone()))?;
         Ok(m)
     }
 

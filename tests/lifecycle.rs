@@ -374,6 +374,16 @@ async fn idle_keep_alive_connections_are_closed() {
         started.elapsed() >= Duration::from_millis(300),
         "closed before the idle timeout"
     );
+    let m = kg.metrics().await;
+    assert_eq!(
+        metric(&m, r#"keygate_connection_timeouts_total{timeout="idle"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"keygate_connection_timeouts_total{timeout="header"}"#),
+        Some(0.0)
+    );
 }
 
 /// keygate with a 200 ms header timeout and a 30 s idle one, and its upstream.
@@ -480,4 +490,14 @@ async fn slow_request_heads_are_cut_off() {
         .ok();
     assert!(!String::from_utf8_lossy(&out).contains(" 200 "));
     assert_eq!(up.hits(), 0);
+    let m = kg.metrics().await;
+    assert_eq!(
+        metric(&m, r#"keygate_connection_timeouts_total{timeout="header"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"keygate_connection_timeouts_total{timeout="idle"}"#),
+        Some(0.0)
+    );
 }

@@ -261,6 +261,7 @@ async fn connection<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = info.peer;
+    let gate = proxy.gate.clone();
     let activity = Arc::new(Activity::default());
     let svc = {
         let activity = activity.clone();
@@ -300,11 +301,13 @@ async fn connection<I>(
                 Verdict::Idle => {
                     if !draining {
                         draining = true;
+                        gate.metrics().idle_closes.inc();
                         conn.as_mut().graceful_shutdown();
                     }
                 }
                 Verdict::SlowHead => {
                     tracing::debug!(%peer, "request head not complete within the header timeout");
+                    gate.metrics().header_timeouts.inc();
                     return;
                 }
             },
