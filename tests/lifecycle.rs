@@ -374,15 +374,22 @@ async fn idle_keep_alive_connections_are_closed() {
         started.elapsed() >= Duration::from_millis(300),
         "closed before the idle timeout"
     );
+    assert_timeouts(&kg, 0, 1).await;
+}
+
+/// `keygate_connection_timeouts_total` reads `header` and `idle`.
+async fn assert_timeouts(kg: &Keygate, header: u32, idle: u32) {
     let m = kg.metrics().await;
+    let count = |t: &str| {
+        metric(
+            &m,
+            &format!(r#"keygate_connection_timeouts_total{{timeout="{t}"}}"#),
+        )
+    };
     assert_eq!(
-        metric(&m, r#"keygate_connection_timeouts_total{timeout="idle"}"#),
-        Some(1.0),
+        (count("header"), count("idle")),
+        (Some(header.into()), Some(idle.into())),
         "{m}"
-    );
-    assert_eq!(
-        metric(&m, r#"keygate_connection_timeouts_total{timeout="header"}"#),
-        Some(0.0)
     );
 }
 
@@ -468,6 +475,7 @@ async fn silent_new_connections_are_cut_after_the_header_timeout() {
         started.elapsed() >= Duration::from_millis(200),
         "cut before the header timeout"
     );
+    assert_timeouts(&kg, 1, 0).await;
 }
 
 /// A client that never finishes its request head is cut off after `proxy.header_read_timeout`
@@ -490,14 +498,5 @@ async fn slow_request_heads_are_cut_off() {
         .ok();
     assert!(!String::from_utf8_lossy(&out).contains(" 200 "));
     assert_eq!(up.hits(), 0);
-    let m = kg.metrics().await;
-    assert_eq!(
-        metric(&m, r#"keygate_connection_timeouts_total{timeout="header"}"#),
-        Some(1.0),
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, r#"keygate_connection_timeouts_total{timeout="idle"}"#),
-        Some(0.0)
-    );
+    assert_timeouts(&kg, 1, 0).await;
 }
