@@ -312,3 +312,62 @@ async fn idle_upstream_connections_are_closed_without_traffic() {
         );
     }
 }
+
+/// A reload that changes a pool setting (here `upstream.pool_idle_timeout`) takes effect: the
+/// old pool and its idle connection go, and the next request opens a connection under the new
+/// setting, which then closes once idle past it.
+#[tokio::test]
+async fn a_reload_that_changes_the_pool_idle_timeout_applies_it() {
+    use std::time::{Duration, Instant};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, accepted) = raw_upstream(move |mut s, n| {
+        let tx = tx.clone();
+        async move {
+            while read_head(&mut s).await.is_some() {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send((n, Instant::now()));
+        }
+    })
+    .await;
+    let mut cfg = Cfg::new(addr);
+    cfg.upstream_extra
+        .push(r#"pool_idle_timeout = "1h""#.into());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    write_file(&path, &cfg.render());
+    let kg = Keygate::start_with(
+        &cfg.render(),
+        keygate::clock::Clock::manual(T0),
+        Some(path.clone()),
+    )
+    .await;
+    let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
+    assert_eq!((r.status, r.text()), (200, "ok"));
+
+    cfg.upstream_extra = vec![r#"pool_idle_timeout = "300ms""#.into()];
+    write_file(&path, &cfg.render());
+    kg.server.reload().expect("the edited config is valid");
+    let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
+    assert_eq!((r.status, r.text()), (200, "ok"));
+    let answered = Instant::now();
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "the old pool was kept");
+    // The first connection went with the old pool; the second closes once idle 300 ms (not an
+    // hour), within the sweep's next passes.
+    let mut closed = Vec::new();
+    while closed.len() < 2 {
+        let (n, at) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("closed so far: {closed:?}"))
+            .unwrap();
+        closed.push(n);
+        if n == 1 {
+            assert!(at.duration_since(answered) >= Duration::from_millis(250));
+        }
+    }
+    closed.sort();
+    assert_eq!(closed, [0, 1]);
+}

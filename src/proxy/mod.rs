@@ -114,21 +114,21 @@ impl Proxy {
     }
 
     /// Closes the upstream pool's stale idle connections ([`pool::Pool::prune`]); the time
-    /// until the next pass: half the pool's idle timeout, at most five seconds.
+    /// until the next pass: half the pool's idle timeout, at most a second (so a reload's
+    /// shorter timeout soon applies).
     pub fn prune_upstream(&self) -> std::time::Duration {
         let upstream = self.upstream.load();
         upstream.1.prune();
-        (upstream.1.idle_timeout() / 2).min(std::time::Duration::from_secs(5))
+        (upstream.1.idle_timeout() / 2).min(std::time::Duration::from_secs(1))
     }
 
-    /// Picks up a reloaded upstream: a new address (or pipelining depth) gets a new pool, the
-    /// same plain-HTTP one keeps its connections. A TLS upstream always gets a new pool, so
-    /// that renewed CA files and names apply to every connection after the reload.
+    /// Picks up a reloaded upstream: changed pool settings (address, pipelining depth, idle
+    /// timeout, size, connect timeout) get a new pool, the same plain-HTTP one keeps its
+    /// connections ([`pool::Pool::same_as`]).
     pub fn reloaded(&self, cfg: &crate::config::UpstreamConfig) {
         let (target, pool) = Self::upstream(&self.gate, cfg);
         let current = self.upstream.load();
-        let same = current.1.addr() == pool.addr() && current.1.pipeline() == pool.pipeline();
-        let pool = if same && !current.1.is_tls() && !pool.is_tls() {
+        let pool = if current.1.same_as(&pool) {
             current.1.clone()
         } else {
             pool

@@ -150,7 +150,20 @@ impl Pool {
         self.0.tls.is_some()
     }
 
-    /// A pooled connection that is still open, if any.
+    /// Whether `other` would pool the same plain-HTTP connections the same way: then a reload
+    /// can keep this pool and its connections. A TLS pool never counts as the same, so that
+    /// renewed CA files and names apply to every connection after a reload.
+    pub fn same_as(&self, other: &Pool) -> bool {
+        let (a, b) = (&*self.0, &*other.0);
+        a.tls.is_none()
+            && b.tls.is_none()
+            && a.addr == b.addr
+            && a.pipeline == b.pipeline
+            && a.idle_timeout == b.idle_timeout
+            && a.max_idle == b.max_idle
+            && a.connect_timeout == b.connect_timeout
+    }
+
     /// Closes the idle connections and pipes that the upstream has closed or that have been
     /// idle past `upstream.pool_idle_timeout`. Checkout skips those too, but only those it
     /// walks past: without this a burst's extra connections would sit (in `CLOSE_WAIT`, once
@@ -169,6 +182,7 @@ impl Pool {
             .retain(|p| !p.close_if_stale(timeout));
     }
 
+    /// A pooled connection that is still open, if any.
     fn checkout(&self) -> Option<Conn> {
         loop {
             let mut idle = self
