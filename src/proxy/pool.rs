@@ -130,24 +130,9 @@ impl Pool {
         }))
     }
 
-    /// The upstream address (`host:port`).
-    pub fn addr(&self) -> &str {
-        &self.0.addr
-    }
-
     /// How long a connection may sit idle (`upstream.pool_idle_timeout`).
     pub fn idle_timeout(&self) -> Duration {
         self.0.idle_timeout
-    }
-
-    /// Requests in flight on one connection at most (`upstream.pipeline`).
-    pub fn pipeline(&self) -> usize {
-        self.0.pipeline
-    }
-
-    /// Whether connections are TLS sessions.
-    pub fn is_tls(&self) -> bool {
-        self.0.tls.is_some()
     }
 
     /// Whether `other` would pool the same plain-HTTP connections the same way: then a reload
