@@ -171,9 +171,9 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     strip_hop_by_hop(headers, true);
     // One pass over the names: which credential headers are there (bit i % 64 for the i-th:
     // past 64 names a bit stands for several, which costs a needless `remove`, never a missed
-    // one), and the patterns a fixed list cannot name. Untrusted,
-    // `Forwarded`, any `X-Forwarded-*` (Host, Port, Prefix, Server, Uri, …) and `X-Real-IP`
-    // could mislead the upstream about the client; keygate sets For and Proto itself below.
+    // one), and the patterns a fixed list cannot name. Untrusted, `Forwarded`, any
+    // `X-Forwarded-*` (Host, Port, Prefix, Server, Uri, …) and `X-Real-IP` could mislead the
+    // upstream about the client; keygate sets For and Proto itself below.
     let creds = f.credential_headers;
     let mut present = 0u64;
     let suspicious: Vec<HeaderName> = headers
