@@ -5,18 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use keygate::clock::Clock;
 use keygate::config::Config;
 use support::*;
-
-/// Starts keygate from a config file in a temp dir, so `server.reload()` can re-read it.
-async fn start_from_file(cfg: &Cfg) -> (Keygate, tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keygate.toml");
-    write_file(&path, &cfg.render());
-    let kg = Keygate::start_with(&cfg.render(), Clock::manual(T0), Some(path.clone())).await;
-    (kg, dir, path)
-}
 
 #[tokio::test]
 async fn reload_keeps_limiter_state() {

@@ -257,15 +257,7 @@ async fn a_reload_that_turns_pipelining_on_takes_effect() {
     }))
     .await;
     let mut cfg = Cfg::new(addr);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keygate.toml");
-    write_file(&path, &cfg.render());
-    let kg = Keygate::start_with(
-        &cfg.render(),
-        keygate::clock::Clock::manual(T0),
-        Some(path.clone()),
-    )
-    .await;
+    let (kg, _dir, path) = start_from_file(&cfg).await;
     let open = || async {
         let r = tokio::time::timeout(Duration::from_secs(10), kg.get("/api/open", Some(BETA_KEY)))
             .await

@@ -274,26 +274,37 @@ async fn request_bodies_are_framed_by_what_is_known_of_their_length() {
     assert_eq!(up.last_headers()["content-length"], "0");
 }
 
+/// An upstream that answers every request `200 ok` and, when keygate closes a connection,
+/// sends that connection's number (from 0) and the time on the channel.
+async fn ok_upstream_reporting_closes() -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, std::time::Instant)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, accepted) = raw_upstream(move |mut s, n| {
+        let tx = tx.clone();
+        async move {
+            while read_head(&mut s).await.is_some() {
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+            let _ = tx.send((n, std::time::Instant::now()));
+        }
+    })
+    .await;
+    (addr, accepted, rx)
+}
+
 /// An idle upstream connection is closed once past `upstream.pool_idle_timeout` with no request
 /// to walk past it, and so is an idle pipe: the upstream sees keygate hang up.
 #[tokio::test]
 async fn idle_upstream_connections_are_closed_without_traffic() {
     use std::time::{Duration, Instant};
     for pipeline in [1, 8] {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (addr, _) = raw_upstream(move |mut s, _| {
-            let tx = tx.clone();
-            async move {
-                while read_head(&mut s).await.is_some() {
-                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                    if s.write_all(ok).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = tx.send(Instant::now());
-            }
-        })
-        .await;
+        let (addr, _, mut closed) = ok_upstream_reporting_closes().await;
         let mut cfg = Cfg::new(addr);
         cfg.upstream_extra.push(format!("pipeline = {pipeline}"));
         cfg.upstream_extra
@@ -302,7 +313,7 @@ async fn idle_upstream_connections_are_closed_without_traffic() {
         let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
         assert_eq!((r.status, r.text()), (200, "ok"));
         let answered = Instant::now();
-        let closed = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        let (_, closed) = tokio::time::timeout(Duration::from_secs(5), closed.recv())
             .await
             .unwrap_or_else(|_| panic!("pipeline {pipeline}: the idle connection stayed open"))
             .unwrap();
@@ -319,32 +330,11 @@ async fn idle_upstream_connections_are_closed_without_traffic() {
 #[tokio::test]
 async fn a_reload_that_changes_the_pool_idle_timeout_applies_it() {
     use std::time::{Duration, Instant};
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let (addr, accepted) = raw_upstream(move |mut s, n| {
-        let tx = tx.clone();
-        async move {
-            while read_head(&mut s).await.is_some() {
-                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-                if s.write_all(ok).await.is_err() {
-                    return;
-                }
-            }
-            let _ = tx.send((n, Instant::now()));
-        }
-    })
-    .await;
+    let (addr, accepted, mut rx) = ok_upstream_reporting_closes().await;
     let mut cfg = Cfg::new(addr);
     cfg.upstream_extra
         .push(r#"pool_idle_timeout = "1h""#.into());
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("keygate.toml");
-    write_file(&path, &cfg.render());
-    let kg = Keygate::start_with(
-        &cfg.render(),
-        keygate::clock::Clock::manual(T0),
-        Some(path.clone()),
-    )
-    .await;
+    let (kg, _dir, path) = start_from_file(&cfg).await;
     let r = kg.get("/api/x", Some(ALPHA_KEY)).await;
     assert_eq!((r.status, r.text()), (200, "ok"));
 

@@ -777,6 +777,16 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
     }
 }
 
+/// Starts keygate (manual clock at [`T0`]) from a config file in a temp dir, so that
+/// `server.reload()` can re-read it after the test rewrites it with [`write_file`].
+pub async fn start_from_file(cfg: &Cfg) -> (Keygate, tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.toml");
+    write_file(&path, &cfg.render());
+    let kg = Keygate::start_with(&cfg.render(), Clock::manual(T0), Some(path.clone())).await;
+    (kg, dir, path)
+}
+
 /// Writes `text` to `path` atomically (write a sibling, rename), as an operator's editor might.
 pub fn write_file(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
