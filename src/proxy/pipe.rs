@@ -58,6 +58,19 @@ struct Ticket {
     slot: Slot,
 }
 
+impl Ticket {
+    /// Hands `answer` to its owner, waking it; dropped (with any detached connection) if the
+    /// owner went away.
+    fn deliver(&mut self, answer: Answer) {
+        if let Slot::Waiting(w) = std::mem::replace(&mut self.slot, Slot::Gone) {
+            self.slot = Slot::Ready(answer);
+            if let Some(w) = w {
+                w.wake();
+            }
+        }
+    }
+}
+
 struct State {
     /// `None` once broken or detached: nothing more is sent on it.
     conn: Option<Conn>,
@@ -72,7 +85,8 @@ struct State {
     pending: Option<Head>,
     /// The ticket whose task the socket would wake (the last to see it not ready).
     polled_by: Option<u64>,
-    /// When the last answer was read, for the idle timeout.
+    /// When the pipe last had nothing outstanding (made, or its last answer read), for the
+    /// idle timeout.
     idle_since: Instant,
 }
 
@@ -113,7 +127,7 @@ impl Pipe {
         encode: impl FnOnce(&mut Vec<u8>),
     ) -> Option<Wait> {
         let mut st = self.lock();
-        let next = st.first + st.tickets.len() as u64;
+        let next = st.next();
         let outstanding = next - st.read;
         if outstanding as usize >= depth {
             return None;
@@ -273,18 +287,11 @@ impl State {
         };
         let reuse = matches!(&answer, Answer::Whole(h, _) if h.reuse);
         self.read += 1;
-        self.idle_since = Instant::now();
-        let t = self.ticket(read);
-        match std::mem::replace(&mut t.slot, Slot::Gone) {
-            Slot::Waiting(w) => {
-                t.slot = Slot::Ready(answer);
-                if let Some(w) = w {
-                    w.wake();
-                }
-            }
-            // Nobody wants it. A detached connection is dropped with it.
-            _ => drop(answer),
+        // Read only when the pipe goes idle, not per answer.
+        if self.read == self.next() {
+            self.idle_since = Instant::now();
         }
+        self.ticket(read).deliver(answer);
         if !reuse {
             self.fail(None);
         }
@@ -293,11 +300,10 @@ impl State {
 
     /// The pipe is broken: the answer being read fails with `e` (if one had begun), every
     /// other awaited one is unanswered, and the connection is closed.
-    fn fail(&mut self, e: Option<H1Error>) {
+    fn fail(&mut self, mut e: Option<H1Error>) {
         self.conn = None;
         self.out.clear();
         self.pending = None;
-        let mut e = e;
         while self.read < self.next() {
             let read = self.read;
             self.read += 1;
@@ -305,13 +311,7 @@ impl State {
                 Some(e) => Answer::Failed(e),
                 None => Answer::Unanswered,
             };
-            let t = self.ticket(read);
-            if let Slot::Waiting(w) = std::mem::replace(&mut t.slot, Slot::Gone) {
-                t.slot = Slot::Ready(answer);
-                if let Some(w) = w {
-                    w.wake();
-                }
-            }
+            self.ticket(read).deliver(answer);
         }
     }
 

@@ -65,6 +65,14 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Still fit to carry a request: idle no longer than `timeout`, and not closed (or sent
+    /// anything) by the upstream meanwhile.
+    fn usable(&mut self, timeout: Duration) -> bool {
+        self.since.elapsed() <= timeout && self.conn.idle_ok()
+    }
+}
+
 /// TLS settings of an `https://` upstream.
 #[derive(Clone)]
 pub struct ClientTls {
@@ -159,7 +167,7 @@ impl Pool {
             .idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain_mut(|i| i.since.elapsed() <= timeout && i.conn.idle_ok());
+            .retain_mut(|i| i.usable(timeout));
         self.0
             .pipes
             .lock()
@@ -176,7 +184,7 @@ impl Pool {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop()?;
-            if idle.since.elapsed() <= self.0.idle_timeout && idle.conn.idle_ok() {
+            if idle.usable(self.0.idle_timeout) {
                 return Some(idle.conn);
             }
         }
@@ -277,11 +285,11 @@ impl Pool {
                 Pooled(Kind::Whole(body)),
             )),
             Answer::Stream(h, conn) => {
-                let (decoder, back) = (h.decoder, None);
+                // A connection that left its pipe to stream never comes back to the pool.
                 let body = Pooled(Kind::Stream {
                     conn,
-                    decoder,
-                    back,
+                    decoder: h.decoder,
+                    back: None,
                 });
                 Some(response(h.status, h.version, h.headers, body))
             }
