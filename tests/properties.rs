@@ -94,14 +94,17 @@ proptest! {
         }
         let before = h.clone();
         let peer = HeaderValue::from_static("192.0.2.1");
-        request_headers(&mut h, &Forwarding {
+        let rid = HeaderValue::from_static("rid");
+        let hop = request_headers(&mut h, &Forwarding {
             credential_headers: &[&keygate::gate::credential::X_API_KEY],
             key: None,
             peer: &peer,
             proto: "http",
             trust_forwarded: false,
-            request_id: HeaderValue::from_static("rid"),
+            request_id: &rid,
         });
+        // As a tunnel's request gets them; a pooled one has them written after the map's.
+        hop.insert_into(&mut h);
         let ours = ["x-forwarded-for", "x-forwarded-proto", "x-request-id"];
         for name in h.keys() {
             let n = name.as_str();

@@ -5,7 +5,8 @@
 //! credential headers go; any `x-keygate-*`, header names with `_` (a spoofing path past checks
 //! on the `-` spelling), and — unless `proxy.trust_forwarded` — `Forwarded`/`X-Forwarded-*` and
 //! `X-Request-Id` from the client go; then keygate's own identity, forwarding and request-id
-//! headers are set. Response headers lose their hop-by-hop fields.
+//! headers are set ([`Hop`]: written after the client's by the upstream client, not inserted).
+//! Response headers lose their hop-by-hop fields.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -154,7 +155,7 @@ pub struct Forwarding<'a> {
     pub peer: &'a HeaderValue,
     pub proto: &'static str,
     pub trust_forwarded: bool,
-    pub request_id: HeaderValue,
+    pub request_id: &'a HeaderValue,
 }
 
 /// Whether a `Connection` field lists `token` (case-insensitive).
@@ -166,16 +167,109 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     })
 }
 
-/// Rewrites request headers for the upstream (see the module docs for the order).
-pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
+/// The fields keygate sets on a forwarded request. The upstream client writes them after the
+/// request's own ([`Hop::extra`]) instead of their being inserted into its map, which cost a
+/// hash of each name (seven per request). A tunnel, sent by hyper's client, takes them into
+/// the map ([`Hop::insert_into`]).
+#[derive(Debug)]
+pub struct Hop {
+    /// In place of the request's own `Host`, if set.
+    pub host: Option<HeaderValue>,
+    forwarded_for: HeaderValue,
+    /// `None`: the client's own (trusted) one is kept.
+    proto: Option<HeaderValue>,
+    request_id: HeaderValue,
+    /// Team, key id and plan.
+    key: Option<[HeaderValue; 3]>,
+}
+
+/// A [`Hop`]'s fields, as the upstream client takes them.
+pub struct HopFields<'a> {
+    all: [(&'static HeaderName, &'a HeaderValue); 6],
+    len: usize,
+}
+
+impl Hop {
+    /// Its fields in order, without `Host`.
+    pub fn fields(&self) -> HopFields<'_> {
+        let mut all = [(&X_FORWARDED_FOR, &self.forwarded_for); 6];
+        let mut len = 1;
+        let mut push = |name: &'static HeaderName, value| {
+            all[len] = (name, value);
+            len += 1;
+        };
+        if let Some(p) = &self.proto {
+            push(&X_FORWARDED_PROTO, p);
+        }
+        push(&X_REQUEST_ID, &self.request_id);
+        if let Some([team, key_id, plan]) = &self.key {
+            push(&X_KEYGATE_TEAM, team);
+            push(&X_KEYGATE_KEY_ID, key_id);
+            push(&X_KEYGATE_PLAN, plan);
+        }
+        HopFields { all, len }
+    }
+
+    /// What the upstream client writes besides the request's map.
+    pub fn extra<'a>(&'a self, fields: &'a HopFields<'a>) -> super::h1::Extra<'a> {
+        super::h1::Extra {
+            host: self.host.as_ref(),
+            fields: fields.as_slice(),
+        }
+    }
+
+    /// Sets the fields in `headers`, replacing any of the same names.
+    pub fn insert_into(self, headers: &mut HeaderMap) {
+        if let Some(h) = self.host {
+            headers.insert(header::HOST, h);
+        }
+        headers.insert(X_FORWARDED_FOR.clone(), self.forwarded_for);
+        if let Some(p) = self.proto {
+            headers.insert(X_FORWARDED_PROTO.clone(), p);
+        }
+        headers.insert(X_REQUEST_ID.clone(), self.request_id);
+        if let Some([team, key_id, plan]) = self.key {
+            headers.insert(X_KEYGATE_TEAM.clone(), team);
+            headers.insert(X_KEYGATE_KEY_ID.clone(), key_id);
+            headers.insert(X_KEYGATE_PLAN.clone(), plan);
+        }
+    }
+}
+
+impl HopFields<'_> {
+    pub fn as_slice(&self) -> &[(&HeaderName, &HeaderValue)] {
+        // Shortening the names' lifetime: `[(&'static _, &_)]` is a `[(&_, &_)]`.
+        let all: &[(&HeaderName, &HeaderValue)] = &self.all;
+        &all[..self.len]
+    }
+}
+
+/// Rewrites request headers for the upstream (see the module docs for the order): the client's
+/// fields that must not pass are removed, and keygate's own are returned, to be written after
+/// the rest.
+pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) -> Hop {
     strip_hop_by_hop(headers, true);
     // One pass over the names: which credential headers are there (bit i % 64 for the i-th:
     // past 64 names a bit stands for several, which costs a needless `remove`, never a missed
     // one), and the patterns a fixed list cannot name. Untrusted, `Forwarded`, any
     // `X-Forwarded-*` (Host, Port, Prefix, Server, Uri, …) and `X-Real-IP` could mislead the
-    // upstream about the client; keygate sets For and Proto itself below.
+    // upstream about the client; keygate sets For and Proto itself. The fields keygate sets go
+    // too (a trusted `X-Forwarded-For` is read first, to be extended), except a trusted
+    // `X-Forwarded-Proto`, which is kept.
     let creds = f.credential_headers;
     let mut present = 0u64;
+    let mut client_proto = false;
+    let forwarded_for = if f.trust_forwarded {
+        headers
+            .get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|prev| {
+                HeaderValue::from_str(&format!("{prev}, {}", f.peer.to_str().unwrap_or(""))).ok()
+            })
+            .unwrap_or_else(|| f.peer.clone())
+    } else {
+        f.peer.clone()
+    };
     let suspicious: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
@@ -183,11 +277,16 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
                 present |= 1 << (i % 64);
                 return false;
             }
+            if f.trust_forwarded && *n == X_FORWARDED_PROTO {
+                client_proto = true;
+                return false;
+            }
             let n = n.as_str();
             n.contains('_')
                 || n.starts_with("x-keygate-")
-                || (!f.trust_forwarded
-                    && (n.starts_with("x-forwarded-") || n == "x-real-ip" || n == "forwarded"))
+                || n == X_REQUEST_ID
+                || (n.starts_with("x-forwarded-") && (!f.trust_forwarded || n == X_FORWARDED_FOR))
+                || (!f.trust_forwarded && (n == "x-real-ip" || n == "forwarded"))
         })
         .cloned()
         .collect();
@@ -199,31 +298,19 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) {
     for n in suspicious {
         headers.remove(n);
     }
-    if f.trust_forwarded {
-        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => {
-                HeaderValue::from_str(&format!("{prev}, {}", f.peer.to_str().unwrap_or(""))).ok()
-            }
-            None => None,
-        };
-        headers.insert(
-            X_FORWARDED_FOR.clone(),
-            xff.unwrap_or_else(|| f.peer.clone()),
-        );
-        if !headers.contains_key(&X_FORWARDED_PROTO) {
-            headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
-        }
+    Hop {
+        host: None,
+        forwarded_for,
+        proto: (!client_proto).then(|| HeaderValue::from_static(f.proto)),
         // The caller already kept the client's id if it was sane.
-        headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
-    } else {
-        headers.insert(X_FORWARDED_FOR.clone(), f.peer.clone());
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(f.proto));
-        headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
-    }
-    if let Some(k) = f.key {
-        headers.insert(X_KEYGATE_TEAM.clone(), k.team_header.clone());
-        headers.insert(X_KEYGATE_KEY_ID.clone(), k.key_id_header());
-        headers.insert(X_KEYGATE_PLAN.clone(), k.plan_header.clone());
+        request_id: f.request_id.clone(),
+        key: f.key.map(|k| {
+            [
+                k.team_header.clone(),
+                k.key_id_header(),
+                k.plan_header.clone(),
+            ]
+        }),
     }
 }
 
@@ -319,9 +406,11 @@ mod tests {
             peer: &peer,
             proto: "http",
             trust_forwarded: false,
-            request_id: HeaderValue::from_static("abc"),
+            request_id: &HeaderValue::from_static("abc"),
         };
-        request_headers(&mut h, &f);
+        let mut hop = request_headers(&mut h, &f);
+        hop.host = Some(HeaderValue::from_static("up:80"));
+        let h = sent(&h, &hop);
         assert!(h.get("x-api-key").is_none());
         assert!(h.get("x_api_key").is_none());
         assert!(h.get("x-keygate-team").is_none());
@@ -331,6 +420,15 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-request-id"], "abc");
         assert_eq!(h["accept"], "*/*");
+        for ours in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-request-id",
+            "host",
+        ] {
+            assert_eq!(h.get_all(ours).iter().count(), 1, "{ours} sent once");
+        }
+        assert_eq!(h["host"], "up:80");
     }
 
     #[test]
@@ -350,7 +448,7 @@ mod tests {
                 peer: &peer,
                 proto: "http",
                 trust_forwarded: false,
-                request_id: HeaderValue::from_static("abc"),
+                request_id: &HeaderValue::from_static("abc"),
             };
             // Only the second, then the last (past 64) and another, with unrelated fields.
             let last = creds.len() - 1;
@@ -380,12 +478,54 @@ mod tests {
             peer: &peer,
             proto: "https",
             trust_forwarded: true,
-            request_id: kept,
+            request_id: &kept,
         };
-        request_headers(&mut h, &f);
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(h["x-request-id"], "r1");
-        assert_eq!(h["x-forwarded-proto"], "https");
+        let hop = request_headers(&mut h, &f);
+        let out = sent(&h, &hop);
+        assert_eq!(out["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(out["x-request-id"], "r1");
+        assert_eq!(out["x-forwarded-proto"], "https");
+        for ours in ["x-forwarded-for", "x-forwarded-proto", "x-request-id"] {
+            assert_eq!(out.get_all(ours).iter().count(), 1, "{ours} sent once");
+        }
+        // A trusted client's own protocol is kept, and so sent once too.
+        let mut h = map(&[("x-forwarded-proto", "https"), ("x-request-id", "r1")]);
+        let f = Forwarding { proto: "http", ..f };
+        let hop = request_headers(&mut h, &f);
+        let out = sent(&h, &hop);
+        assert_eq!(
+            out.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
+            ["https"]
+        );
+        assert_eq!(out["x-forwarded-for"], "127.0.0.1");
+        // A tunnel takes the same fields into its map.
+        hop.insert_into(&mut h);
+        assert_eq!(h, out);
+    }
+
+    /// The head the upstream client writes for `h` and `hop`, read back (repeats kept).
+    fn sent(h: &HeaderMap, hop: &Hop) -> HeaderMap {
+        let fields = hop.fields();
+        let mut out = Vec::new();
+        super::super::h1::encode_head(
+            &mut out,
+            &http::Method::GET,
+            "/",
+            h,
+            &hop.extra(&fields),
+            super::super::h1::ReqBody::None,
+        );
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut fields);
+        assert!(req.parse(&out).unwrap().is_complete());
+        let mut back = HeaderMap::new();
+        for f in req.headers.iter() {
+            back.append(
+                HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(f.value).unwrap(),
+            );
+        }
+        back
     }
 
     #[test]

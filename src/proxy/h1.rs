@@ -161,24 +161,39 @@ impl ReqBody {
     }
 }
 
-/// Appends a request head to `dst`. Names and values come from a `HeaderMap`, so they hold no
+/// What a request carries besides its map, written by [`encode_head`]: a `Host` that takes
+/// the place of the map's, and fields that follow the map's. The proxy's own fields travel
+/// this way rather than being inserted into the map (each insert hashes its name).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extra<'a> {
+    pub host: Option<&'a HeaderValue>,
+    pub fields: &'a [(&'a HeaderName, &'a HeaderValue)],
+}
+
+/// Appends a request head to `dst`. Names and values come from `http`'s types, so they hold no
 /// CR or LF (`http` refuses them): nothing here can split the head.
 pub fn encode_head(
     dst: &mut Vec<u8>,
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    extra: &Extra<'_>,
     body: ReqBody,
 ) {
     dst.extend_from_slice(method.as_str().as_bytes());
     dst.push(b' ');
     dst.extend_from_slice(target.as_bytes());
     dst.extend_from_slice(b" HTTP/1.1\r\n");
+    if let Some(host) = extra.host {
+        field(dst, &header::HOST, host);
+    }
     for (name, value) in headers {
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
+        if extra.host.is_none() || name != header::HOST {
+            field(dst, name, value);
+        }
+    }
+    for (name, value) in extra.fields {
+        field(dst, name, value);
     }
     match body {
         ReqBody::None => {}
@@ -189,6 +204,13 @@ pub fn encode_head(
         }
         ReqBody::Chunked => dst.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
+    dst.extend_from_slice(b"\r\n");
+}
+
+fn field(dst: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    dst.extend_from_slice(name.as_str().as_bytes());
+    dst.extend_from_slice(b": ");
+    dst.extend_from_slice(value.as_bytes());
     dst.extend_from_slice(b"\r\n");
 }
 
@@ -792,7 +814,8 @@ mod tests {
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
         let mut out = Vec::new();
-        encode_head(&mut out, &Method::GET, "/a?b", &h, ReqBody::None);
+        let none = Extra::default();
+        encode_head(&mut out, &Method::GET, "/a?b", &h, &none, ReqBody::None);
         assert_eq!(
             out,
             b"GET /a?b HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
@@ -802,6 +825,7 @@ mod tests {
             &Method::POST,
             "/",
             &HeaderMap::new(),
+            &none,
             ReqBody::Length(12),
         );
         assert_eq!(&out[50..], b"POST / HTTP/1.1\r\ncontent-length: 12\r\n\r\n");
@@ -810,6 +834,7 @@ mod tests {
             &Method::PUT,
             "/",
             &HeaderMap::new(),
+            &none,
             ReqBody::Chunked,
         );
         assert_eq!(
@@ -826,6 +851,40 @@ mod tests {
             ReqBody::Length(5)
         );
         assert_eq!(ReqBody::of(&Method::POST, false, None), ReqBody::Chunked);
+    }
+
+    #[test]
+    fn extra_fields_follow_the_map_and_a_host_replaces_its_own() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("client.example"));
+        let (name, value) = (
+            HeaderName::from_static("x-b"),
+            HeaderValue::from_static("2"),
+        );
+        let up = HeaderValue::from_static("up:80");
+        let fields = [(&name, &value)];
+        let mut out = Vec::new();
+        let extra = Extra {
+            host: Some(&up),
+            fields: &fields,
+        };
+        encode_head(&mut out, &Method::GET, "/", &h, &extra, ReqBody::None);
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nhost: up:80\r\nx-a: 1\r\nx-b: 2\r\n\r\n"
+        );
+        // Without a replacement the map's own Host goes out, once.
+        out.clear();
+        let extra = Extra {
+            host: None,
+            fields: &fields,
+        };
+        encode_head(&mut out, &Method::GET, "/", &h, &extra, ReqBody::Length(3));
+        assert_eq!(
+            out,
+            b"GET / HTTP/1.1\r\nx-a: 1\r\nhost: client.example\r\nx-b: 2\r\ncontent-length: 3\r\n\r\n"
+        );
     }
 
     #[test]

@@ -63,6 +63,15 @@ struct Ctx<'a> {
     request_id: &'a HeaderValue,
 }
 
+/// A request made ready for the upstream.
+struct Upstream {
+    req: Request<GuardedBody>,
+    /// keygate's fields, written after the request's own.
+    hop: forward::Hop,
+    /// What became of the body, if there is one.
+    fate: Option<Arc<BodyFate>>,
+}
+
 /// Per-connection facts, computed once per connection rather than per request.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -251,7 +260,8 @@ impl Proxy {
     }
 
     /// The upstream's request: origin-form URI under the target's base, headers rewritten for
-    /// the hop, the body guarded by the size and stall limits.
+    /// the hop (keygate's own fields, and `Host` unless preserved, are returned apart: see
+    /// [`forward::Hop`]), the body guarded by the size and stall limits.
     fn upstream_request(
         &self,
         snap: &Snapshot,
@@ -260,10 +270,10 @@ impl Proxy {
         body: Incoming,
         grant: &Grant,
         ctx: &Ctx<'_>,
-    ) -> Result<(Request<GuardedBody>, Option<Arc<BodyFate>>), Denial> {
+    ) -> Result<Upstream, Denial> {
         let cfg = &snap.config;
         let uri = target.uri(&parts.uri).map_err(|_| Denial::BadRequest)?;
-        forward::request_headers(
+        let mut hop = forward::request_headers(
             &mut parts.headers,
             &Forwarding {
                 credential_headers: snap.credentials.header_names(),
@@ -271,11 +281,11 @@ impl Proxy {
                 peer: &ctx.conn.peer_header,
                 proto: self.proto,
                 trust_forwarded: cfg.proxy.trust_forwarded,
-                request_id: ctx.request_id.clone(),
+                request_id: ctx.request_id,
             },
         );
         if !cfg.upstream.preserve_host {
-            parts.headers.insert(header::HOST, target.host().clone());
+            hop.host = Some(target.host().clone());
         } else if !parts.headers.contains_key(header::HOST) {
             // HTTP/2 clients send :authority instead of Host; HTTP/1.1 upstreams need Host.
             let host = parts
@@ -283,7 +293,7 @@ impl Proxy {
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
                 .unwrap_or_else(|| target.host().clone());
-            parts.headers.insert(header::HOST, host);
+            hop.host = Some(host);
         }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
@@ -295,7 +305,11 @@ impl Proxy {
             cfg.proxy.body_timeout,
             fate.clone(),
         );
-        Ok((Request::from_parts(parts, body), fate))
+        Ok(Upstream {
+            req: Request::from_parts(parts, body),
+            hop,
+            fate,
+        })
     }
 
     async fn forward(
@@ -309,20 +323,26 @@ impl Proxy {
         let cfg = &snap.config;
         let upstream = self.upstream.load();
         let (target, pool) = &**upstream;
-        let (req, fate) = match self.upstream_request(snap, target, parts, body, &grant, ctx) {
-            Ok(r) => r,
-            Err(d) => {
-                snap.count(Some(grant.route), Outcome::Denied(d));
-                return self.denial(snap, d, grant.key.as_ref(), false);
-            }
-        };
+        let Upstream { req, hop, fate } =
+            match self.upstream_request(snap, target, parts, body, &grant, ctx) {
+                Ok(r) => r,
+                Err(d) => {
+                    snap.count(Some(grant.route), Outcome::Denied(d));
+                    return self.denial(snap, d, grant.key.as_ref(), false);
+                }
+            };
+        let fields = hop.fields();
         let watch = ctx.watch;
         let metrics = self.gate.metrics();
         let upstream_watch = Stopwatch::start();
         metrics
             .overhead_seconds
             .observe(upstream_watch.since(&watch).as_secs_f64());
-        let result = tokio::time::timeout(cfg.upstream.request_timeout, pool.send(req)).await;
+        let result = tokio::time::timeout(
+            cfg.upstream.request_timeout,
+            pool.send(req, &hop.extra(&fields)),
+        )
+        .await;
         metrics
             .upstream_seconds
             .observe(upstream_watch.elapsed().as_secs_f64());
@@ -384,7 +404,11 @@ impl Proxy {
         let upstream = self.upstream.load();
         let (target, pool) = &**upstream;
         let mut req = match self.upstream_request(snap, target, parts, body, &grant, ctx) {
-            Ok((r, _)) => r,
+            Ok(Upstream { mut req, hop, .. }) => {
+                // hyper's client sends a tunnel's request: the fields go into its map.
+                hop.insert_into(req.headers_mut());
+                req
+            }
             Err(d) => {
                 snap.count(Some(grant.route), Outcome::Denied(d));
                 return self.denial(snap, d, grant.key.as_ref(), false);

@@ -253,11 +253,19 @@ impl Pool {
     async fn send_piped(
         &self,
         parts: &http::request::Parts,
+        extra: &h1::Extra<'_>,
     ) -> Result<Option<Response<Pooled>>, PoolError> {
         let head = parts.method == Method::HEAD;
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let encode = |out: &mut Vec<u8>| {
-            h1::encode_head(out, &parts.method, target, &parts.headers, ReqBody::None)
+            h1::encode_head(
+                out,
+                &parts.method,
+                target,
+                &parts.headers,
+                extra,
+                ReqBody::None,
+            )
         };
         let wait = match self.attach(head, &encode) {
             Some(w) => w,
@@ -298,16 +306,21 @@ impl Pool {
         })
     }
 
-    /// Sends a request (origin-form URI, `Host` set) and returns the response, whose body
-    /// gives the connection back to the pool when read to the end.
-    pub async fn send(&self, req: Request<GuardedBody>) -> Result<Response<Pooled>, PoolError> {
+    /// Sends a request (origin-form URI, `Host` set here or by `extra`) with `extra`'s fields,
+    /// and returns the response, whose body gives the connection back to the pool when read to
+    /// the end.
+    pub async fn send(
+        &self,
+        req: Request<GuardedBody>,
+        extra: &h1::Extra<'_>,
+    ) -> Result<Response<Pooled>, PoolError> {
         let (parts, body) = req.into_parts();
         let empty = body.is_end_stream();
         if empty
             && self.0.pipeline > 1
             && (parts.method == Method::GET || parts.method == Method::HEAD)
         {
-            if let Some(resp) = self.send_piped(&parts).await? {
+            if let Some(resp) = self.send_piped(&parts, extra).await? {
                 return Ok(resp);
             }
         }
@@ -323,6 +336,7 @@ impl Pool {
             &parts.method,
             target,
             &parts.headers,
+            extra,
             framing,
         );
         let mut body = (!empty).then_some((body, framing));
