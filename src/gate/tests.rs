@@ -400,6 +400,32 @@ fn a_key_spraying_client_is_cut_off_and_valid_keys_keep_working() {
 }
 
 #[test]
+fn a_blocked_address_is_refused_before_the_negative_cache_is_asked() {
+    let f = fixture("");
+    for i in 0..6 {
+        let _ = f.check(Method::GET, "/x", Some(&format!("random_key_{i:08}")));
+    }
+    let negative = || f.gate.metrics().cache_negative_hit.get();
+    let before = negative();
+    // An unknown key the negative cache holds, from the blocked address: refused by the block
+    // (the flood case), with no negative-cache lookup.
+    for _ in 0..3 {
+        assert!(matches!(
+            f.deny(Method::GET, "/x", Some("random_key_00000000")),
+            Some(Denial::TooManyFailedAuth { .. })
+        ));
+    }
+    assert_eq!(negative(), before);
+    // From another address the same key is a negative hit.
+    let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    assert_eq!(
+        f.deny_from(Method::GET, "/x", Some("random_key_00000000"), other),
+        Some(Denial::InvalidKey)
+    );
+    assert_eq!(negative(), before + 1);
+}
+
+#[test]
 fn valid_keys_never_spend_the_failed_auth_budget() {
     let f = fixture("");
     f.beat();
