@@ -5,7 +5,7 @@
 //! refusal costs no formatting.
 
 use bytes::Bytes;
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 
 use crate::config::{ErrorStyle, ErrorsConfig};
 
@@ -14,6 +14,8 @@ use crate::config::{ErrorStyle, ErrorsConfig};
 pub struct RateInfo {
     /// Requests allowed per window.
     pub limit: u32,
+    /// `limit` as a header value, made once per limit (interned).
+    pub limit_header: &'static HeaderValue,
     /// Requests left right now.
     pub remaining: u32,
     /// Seconds until the bucket is full again.
@@ -224,8 +226,10 @@ mod tests {
     #[test]
     fn error_table() {
         let b = ErrorBodies::new(&outx());
+        static ONE: HeaderValue = HeaderValue::from_static("1");
         let rate = RateInfo {
             limit: 1,
+            limit_header: &ONE,
             remaining: 0,
             reset_secs: 1,
             retry_after_secs: 1,

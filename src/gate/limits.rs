@@ -46,16 +46,23 @@ type Direct = RateLimiter<NotKeyed, InMemoryState, Clock, StateInformationMiddle
 #[derive(Debug)]
 struct Quota {
     spec: LimitSpec,
+    /// `spec.requests` as `X-RateLimit-Limit` gives it.
+    limit_header: &'static HeaderValue,
     /// The spec as governor's quota, worked out once: each new bucket's limiter copies it.
     governor: governor::Quota,
 }
 
 impl Quota {
-    fn new(spec: LimitSpec) -> Quota {
+    fn new(spec: LimitSpec, names: &Names) -> Quota {
         let interval = (spec.per / spec.requests.max(1)).max(Duration::from_nanos(1));
         let burst = NonZeroU32::new(spec.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        static ZERO: HeaderValue = HeaderValue::from_static("0");
         Quota {
             spec,
+            // Digits only: always a valid value.
+            limit_header: names
+                .header(itoa::Buffer::new().format(spec.requests))
+                .unwrap_or(&ZERO),
             governor: governor::Quota::with_period(interval)
                 .unwrap_or_else(|| governor::Quota::per_second(NonZeroU32::MIN))
                 .allow_burst(burst),
@@ -161,7 +168,10 @@ impl LimiterRegistry {
             name: name.into(),
             policy_header: names.header(&policy).unwrap_or(&EMPTY),
             name_header: names.header(name).unwrap_or(&EMPTY),
-            quotas: specs.iter().map(|s| Arc::new(Quota::new(*s))).collect(),
+            quotas: specs
+                .iter()
+                .map(|s| Arc::new(Quota::new(*s, names)))
+                .collect(),
         })
     }
 
@@ -268,6 +278,7 @@ pub fn check(
                 let remaining = state.remaining_burst_capacity();
                 let info = RateInfo {
                     limit: spec.requests,
+                    limit_header: b.quota.limit_header,
                     remaining,
                     reset_secs: (interval * (spec.burst - remaining.min(spec.burst)) as f64).ceil()
                         as u64,
@@ -282,6 +293,7 @@ pub fn check(
                 let retry = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 return Err(RateInfo {
                     limit: spec.requests,
+                    limit_header: b.quota.limit_header,
                     remaining: 0,
                     reset_secs: (interval * spec.burst as f64).ceil() as u64,
                     retry_after_secs: retry.max(1),
@@ -403,5 +415,33 @@ mod tests {
                 .policy_header,
             "\"free\";q=100;w=3600"
         );
+    }
+
+    #[test]
+    fn each_limit_reports_its_own_value() {
+        let clock = Clock::manual(0);
+        let reg = LimiterRegistry::new(clock.clone());
+        let set = reg.set(
+            &Names::default(),
+            "two",
+            &[spec(7, 1, 7), spec(100, 60, 100)],
+        );
+        let buckets = reg.buckets(&set, "k");
+        let now = ns(&clock);
+        // The per-second limit is the tighter one after the first request.
+        let info = check(&buckets, &clock, now).unwrap().unwrap();
+        assert_eq!(info.limit, 7);
+        assert_eq!(*info.limit_header, "7");
+        for _ in 0..6 {
+            check(&buckets, &clock, now).unwrap();
+        }
+        let refused = check(&buckets, &clock, now).unwrap_err();
+        assert_eq!(refused.limit, 7);
+        assert_eq!(*refused.limit_header, "7");
+        let set = reg.set(&Names::default(), "one", &[spec(100, 60, 100)]);
+        let info = check(&reg.buckets(&set, "k"), &clock, now)
+            .unwrap()
+            .unwrap();
+        assert_eq!(*info.limit_header, "100");
     }
 }

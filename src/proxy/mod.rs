@@ -605,7 +605,7 @@ fn rate_headers(h: &mut http::HeaderMap, k: &KeyView, info: Option<&RateInfo>) {
         if let Some(v) = ratelimit {
             h.insert(RATELIMIT.clone(), v);
         }
-        h.insert(X_RATELIMIT_LIMIT.clone(), values::int(i.limit.into()));
+        h.insert(X_RATELIMIT_LIMIT.clone(), i.limit_header.clone());
         h.insert(
             X_RATELIMIT_REMAINING.clone(),
             values::int(i.remaining.into()),
