@@ -14,6 +14,8 @@ async fn missing_key_is_401() {
     let kg = Keygate::start(&base_toml(up.addr)).await;
     let r = kg.get("/api/things", None).await;
     r.assert_error(401, MISSING_KEY);
+    assert_eq!(r.names(), ["content-type", "cache-control", "x-request-id"]);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
     // An empty value is no key either.
     let r = kg.get("/api/things", Some("")).await;
     r.assert_error(401, MISSING_KEY);
@@ -70,6 +72,15 @@ async fn stale_heartbeat_is_403_with_the_configured_message() {
     );
     // The key is known by now, so the answer carries the plan's policy.
     assert_eq!(r.header("ratelimit-policy"), Some("\"free\";q=100;w=3600"));
+    assert_eq!(
+        r.names(),
+        [
+            "content-type",
+            "cache-control",
+            "ratelimit-policy",
+            "x-request-id"
+        ]
+    );
     assert_eq!(up.hits(), 0);
 }
 
@@ -123,6 +134,10 @@ async fn wrong_method_is_405_with_allow() {
     ] {
         r.assert_error(405, r#"{"error":"Method Not Allowed"}"#);
         assert_eq!(r.header("allow"), Some("GET, HEAD"));
+        assert_eq!(
+            r.names(),
+            ["content-type", "cache-control", "allow", "x-request-id"]
+        );
     }
     let r = send(
         kg.client
@@ -150,6 +165,23 @@ async fn over_the_limit_is_429_with_retry_after() {
     assert_eq!(r.header("retry-after"), Some("1200"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
     assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
+    assert_eq!(r.header("x-ratelimit-reset"), Some("3600"));
+    assert_eq!(r.header("ratelimit"), Some("\"tiny\";r=0;t=3600"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        r.names(),
+        [
+            "content-type",
+            "cache-control",
+            "retry-after",
+            "ratelimit-policy",
+            "ratelimit",
+            "x-ratelimit-limit",
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "x-request-id"
+        ]
+    );
     assert_eq!(up.hits(), 3);
 }
 
@@ -357,6 +389,15 @@ async fn too_many_failed_authentications_is_429() {
         r#"{"error":"Too Many Requests: too many failed authentications"}"#,
     );
     assert_eq!(r.header("retry-after"), Some("20"));
+    assert_eq!(
+        r.names(),
+        [
+            "content-type",
+            "cache-control",
+            "retry-after",
+            "x-request-id"
+        ]
+    );
     // A cached key is never charged, so it keeps working during an attack from its address.
     assert_eq!(kg.get("/api/x", Some(ALPHA_KEY)).await.status, 200);
     // The budget refills with the clock.

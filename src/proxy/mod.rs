@@ -9,6 +9,7 @@ pub mod forward;
 pub mod h1;
 pub mod pipe;
 pub mod pool;
+mod refusal;
 pub mod server;
 pub mod values;
 pub mod watch;
@@ -488,34 +489,10 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let mut resp = Response::new(Either::Right(Full::new(snap.errors.body(d))));
         *resp.status_mut() = d.status();
-        // Room for every field this can add (four of ours, five rate fields with a key) and
-        // `handle`'s `x-request-id`, so the map never grows: a 429 rehashed and reallocated it.
-        *resp.headers_mut() = http::HeaderMap::with_capacity(if key.is_some() { 10 } else { 5 });
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, JSON.clone());
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        match d {
-            Denial::MethodNotAllowed { group } => {
-                h.insert(header::ALLOW, snap.routes.allow(group).clone());
-            }
-            Denial::RateLimited(info) => {
-                h.insert(header::RETRY_AFTER, values::int(info.retry_after_secs));
-            }
-            Denial::TooManyFailedAuth { retry_after_secs } => {
-                h.insert(header::RETRY_AFTER, values::int(retry_after_secs));
-            }
-            _ => {}
-        }
-        if let Some(k) = key {
-            let info = match d {
-                Denial::RateLimited(info) => Some(info),
-                _ => None,
-            };
-            rate_headers(h, k, info.as_ref());
-        }
-        if close {
-            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
+        *resp.headers_mut() = match fast_denial_headers(d, key, close) {
+            Some(h) => h,
+            None => denial_headers(snap, d, key, close),
+        };
         resp
     }
 
@@ -554,6 +531,76 @@ impl Proxy {
     }
 }
 
+/// A denial's headers from a template ([`refusal`]) for the common shapes; `None` for the
+/// others. Field for field what [`denial_headers`] makes (tested).
+fn fast_denial_headers(d: Denial, key: Option<&KeyView>, close: bool) -> Option<http::HeaderMap> {
+    use refusal::Shape;
+    if close {
+        return None;
+    }
+    Some(match (d, key) {
+        (Denial::RateLimited(i), Some(k)) => refusal::headers(
+            Shape::Limited,
+            [
+                values::int(i.retry_after_secs),
+                k.policy_header.clone(),
+                ratelimit_value(k, &i)?,
+                i.limit_header.clone(),
+                values::int(i.remaining.into()),
+                values::int(i.reset_secs),
+            ],
+        ),
+        (Denial::TooManyFailedAuth { retry_after_secs }, None) => {
+            refusal::headers(Shape::Retry, [values::int(retry_after_secs)])
+        }
+        (
+            Denial::RateLimited(_)
+            | Denial::TooManyFailedAuth { .. }
+            | Denial::MethodNotAllowed { .. },
+            _,
+        ) => return None,
+        (_, Some(k)) => refusal::headers(Shape::Keyed, [k.policy_header.clone()]),
+        (_, None) => refusal::headers(Shape::Plain, []),
+    })
+}
+
+/// A denial's headers, field by field.
+fn denial_headers(
+    snap: &Snapshot,
+    d: Denial,
+    key: Option<&KeyView>,
+    close: bool,
+) -> http::HeaderMap {
+    // Room for every field this can add (four of ours, five rate fields with a key) and
+    // `handle`'s `x-request-id`, so the map never grows: a 429 rehashed and reallocated it.
+    let mut h = http::HeaderMap::with_capacity(if key.is_some() { 10 } else { 5 });
+    h.insert(header::CONTENT_TYPE, JSON.clone());
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    match d {
+        Denial::MethodNotAllowed { group } => {
+            h.insert(header::ALLOW, snap.routes.allow(group).clone());
+        }
+        Denial::RateLimited(info) => {
+            h.insert(header::RETRY_AFTER, values::int(info.retry_after_secs));
+        }
+        Denial::TooManyFailedAuth { retry_after_secs } => {
+            h.insert(header::RETRY_AFTER, values::int(retry_after_secs));
+        }
+        _ => {}
+    }
+    if let Some(k) = key {
+        let info = match d {
+            Denial::RateLimited(info) => Some(info),
+            _ => None,
+        };
+        rate_headers(&mut h, k, info.as_ref());
+    }
+    if close {
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    h
+}
+
 /// The client's address for per-address budgets: the peer, or — behind a trusted proxy — the
 /// address that proxy appended last to `X-Forwarded-For` (entries to its left are the client's
 /// own claims and are not trusted).
@@ -587,22 +634,7 @@ pub fn millis_to_rfc3339(ms: i64) -> String {
 fn rate_headers(h: &mut http::HeaderMap, k: &KeyView, info: Option<&RateInfo>) {
     h.insert(RATELIMIT_POLICY.clone(), k.policy_header.clone());
     if let Some(i) = info {
-        let t = if i.remaining == 0 {
-            i.retry_after_secs.max(i.reset_secs)
-        } else {
-            i.reset_secs
-        };
-        let name = k.limits_name.as_bytes();
-        let ratelimit = values::render(name.len() + 48, |b| {
-            let mut n = itoa::Buffer::new();
-            b.extend_from_slice(b"\"");
-            b.extend_from_slice(name);
-            b.extend_from_slice(b"\";r=");
-            b.extend_from_slice(n.format(i.remaining).as_bytes());
-            b.extend_from_slice(b";t=");
-            b.extend_from_slice(n.format(t).as_bytes());
-        });
-        if let Some(v) = ratelimit {
+        if let Some(v) = ratelimit_value(k, i) {
             h.insert(RATELIMIT.clone(), v);
         }
         h.insert(X_RATELIMIT_LIMIT.clone(), i.limit_header.clone());
@@ -612,6 +644,26 @@ fn rate_headers(h: &mut http::HeaderMap, k: &KeyView, info: Option<&RateInfo>) {
         );
         h.insert(X_RATELIMIT_RESET.clone(), values::int(i.reset_secs));
     }
+}
+
+/// The IETF draft's `RateLimit`: the limits' name, what remains, and the seconds until it is
+/// all there again (or until the next request may pass, when none remains).
+fn ratelimit_value(k: &KeyView, i: &RateInfo) -> Option<HeaderValue> {
+    let t = if i.remaining == 0 {
+        i.retry_after_secs.max(i.reset_secs)
+    } else {
+        i.reset_secs
+    };
+    let name = k.limits_name.as_bytes();
+    values::render(name.len() + 48, |b| {
+        let mut n = itoa::Buffer::new();
+        b.extend_from_slice(b"\"");
+        b.extend_from_slice(name);
+        b.extend_from_slice(b"\";r=");
+        b.extend_from_slice(n.format(i.remaining).as_bytes());
+        b.extend_from_slice(b";t=");
+        b.extend_from_slice(n.format(t).as_bytes());
+    })
 }
 
 /// `name` or `name:port` with letters, digits, `.` and `-` only: surely a valid authority, so

@@ -711,6 +711,15 @@ pub struct Resp {
 }
 
 impl Resp {
+    /// The field names in the order they came, without hyper's `content-length` and `date`.
+    pub fn names(&self) -> Vec<&str> {
+        self.headers
+            .keys()
+            .map(|n| n.as_str())
+            .filter(|n| *n != "content-length" && *n != "date")
+            .collect()
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .get(name)
