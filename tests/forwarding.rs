@@ -176,7 +176,19 @@ async fn header_hygiene() {
     assert_eq!(h["x-keygate-team"], "alpha");
     assert_eq!(h["x-keygate-key-id"], "alpha-key");
     assert_eq!(h["x-keygate-plan"], "free");
-    assert_eq!(h.get_all("x-keygate-team").iter().count(), 1);
+    // keygate's own fields are written after the client's: each must reach the upstream
+    // exactly once, the client's copies gone.
+    for ours in [
+        "x-keygate-team",
+        "x-keygate-key-id",
+        "x-keygate-plan",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+        "host",
+    ] {
+        assert_eq!(h.get_all(ours).iter().count(), 1, "{ours}: {h:?}");
+    }
     assert_eq!(
         h["x-forwarded-for"], "127.0.0.1",
         "the client's X-Forwarded-For is not trusted by default"
@@ -248,6 +260,32 @@ async fn trusted_forwarding_appends_the_peer() {
     )
     .await;
     assert_eq!(r.echoed("x-forwarded-for"), Some("10.1.2.3, 127.0.0.1"));
+    let h = up.last_headers();
+    assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1, "{h:?}");
+}
+
+/// `upstream.preserve_host = false`: the upstream gets its own authority as `Host`, once, in
+/// place of the client's.
+#[tokio::test]
+async fn the_upstream_host_replaces_the_clients_when_not_preserved() {
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.upstream_extra.push("preserve_host = false".into());
+    let kg = Keygate::start(&cfg.render()).await;
+    let raw = raw_request(
+        kg.proxy,
+        format!(
+            "GET /api/h HTTP/1.1\r\nHost: api.example\r\nx-api-key: {ALPHA_KEY}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    let h = up.last_headers();
+    assert_eq!(
+        h.get_all("host").iter().collect::<Vec<_>>(),
+        [up.addr.to_string().as_str()]
+    );
 }
 
 /// The query string and method pass through; the answer's own hop-by-hop fields do not come back.
