@@ -175,46 +175,31 @@ pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 pub struct Hop {
     /// In place of the request's own `Host`, if set.
     pub host: Option<HeaderValue>,
-    forwarded_for: HeaderValue,
-    /// `None`: the client's own (trusted) one is kept.
-    proto: Option<HeaderValue>,
-    request_id: HeaderValue,
-    /// Team, key id and plan.
-    key: Option<[HeaderValue; 3]>,
-}
-
-/// A [`Hop`]'s fields, as the upstream client takes them.
-pub struct HopFields<'a> {
-    all: [(&'static HeaderName, &'a HeaderValue); 6],
+    /// The first `len` are set, in the order they are written.
+    fields: [(&'static HeaderName, HeaderValue); 6],
     len: usize,
 }
 
 impl Hop {
-    /// Its fields in order, without `Host`.
-    pub fn fields(&self) -> HopFields<'_> {
-        let mut all = [(&X_FORWARDED_FOR, &self.forwarded_for); 6];
-        let mut len = 1;
-        let mut push = |name: &'static HeaderName, value| {
-            all[len] = (name, value);
-            len += 1;
-        };
-        if let Some(p) = &self.proto {
-            push(&X_FORWARDED_PROTO, p);
+    fn new() -> Hop {
+        const UNSET: (&HeaderName, HeaderValue) = (&X_REQUEST_ID, HeaderValue::from_static(""));
+        Hop {
+            host: None,
+            fields: [UNSET; 6],
+            len: 0,
         }
-        push(&X_REQUEST_ID, &self.request_id);
-        if let Some([team, key_id, plan]) = &self.key {
-            push(&X_KEYGATE_TEAM, team);
-            push(&X_KEYGATE_KEY_ID, key_id);
-            push(&X_KEYGATE_PLAN, plan);
-        }
-        HopFields { all, len }
+    }
+
+    fn push(&mut self, name: &'static HeaderName, value: HeaderValue) {
+        self.fields[self.len] = (name, value);
+        self.len += 1;
     }
 
     /// What the upstream client writes besides the request's map.
-    pub fn extra<'a>(&'a self, fields: &'a HopFields<'a>) -> super::h1::Extra<'a> {
+    pub fn extra(&self) -> super::h1::Extra<'_> {
         super::h1::Extra {
             host: self.host.as_ref(),
-            fields: fields.as_slice(),
+            fields: &self.fields[..self.len],
         }
     }
 
@@ -223,24 +208,9 @@ impl Hop {
         if let Some(h) = self.host {
             headers.insert(header::HOST, h);
         }
-        headers.insert(X_FORWARDED_FOR.clone(), self.forwarded_for);
-        if let Some(p) = self.proto {
-            headers.insert(X_FORWARDED_PROTO.clone(), p);
+        for (name, value) in self.fields.into_iter().take(self.len) {
+            headers.insert(name, value);
         }
-        headers.insert(X_REQUEST_ID.clone(), self.request_id);
-        if let Some([team, key_id, plan]) = self.key {
-            headers.insert(X_KEYGATE_TEAM.clone(), team);
-            headers.insert(X_KEYGATE_KEY_ID.clone(), key_id);
-            headers.insert(X_KEYGATE_PLAN.clone(), plan);
-        }
-    }
-}
-
-impl HopFields<'_> {
-    pub fn as_slice(&self) -> &[(&HeaderName, &HeaderValue)] {
-        // Shortening the names' lifetime: `[(&'static _, &_)]` is a `[(&_, &_)]`.
-        let all: &[(&HeaderName, &HeaderValue)] = &self.all;
-        &all[..self.len]
     }
 }
 
@@ -298,20 +268,19 @@ pub fn request_headers(headers: &mut HeaderMap, f: &Forwarding<'_>) -> Hop {
     for n in suspicious {
         headers.remove(n);
     }
-    Hop {
-        host: None,
-        forwarded_for,
-        proto: (!client_proto).then(|| HeaderValue::from_static(f.proto)),
-        // The caller already kept the client's id if it was sane.
-        request_id: f.request_id.clone(),
-        key: f.key.map(|k| {
-            [
-                k.team_header.clone(),
-                k.key_id_header(),
-                k.plan_header.clone(),
-            ]
-        }),
+    let mut hop = Hop::new();
+    hop.push(&X_FORWARDED_FOR, forwarded_for);
+    if !client_proto {
+        hop.push(&X_FORWARDED_PROTO, HeaderValue::from_static(f.proto));
     }
+    // The caller already kept the client's id if it was sane.
+    hop.push(&X_REQUEST_ID, f.request_id.clone());
+    if let Some(k) = f.key {
+        hop.push(&X_KEYGATE_TEAM, k.team_header.clone());
+        hop.push(&X_KEYGATE_KEY_ID, k.key_id_header());
+        hop.push(&X_KEYGATE_PLAN, k.plan_header.clone());
+    }
+    hop
 }
 
 /// Request ids: a random per-process prefix and a counter, 24 hex digits (made in the
@@ -505,14 +474,13 @@ mod tests {
 
     /// The head the upstream client writes for `h` and `hop`, read back (repeats kept).
     fn sent(h: &HeaderMap, hop: &Hop) -> HeaderMap {
-        let fields = hop.fields();
         let mut out = Vec::new();
         super::super::h1::encode_head(
             &mut out,
             &http::Method::GET,
             "/",
             h,
-            &hop.extra(&fields),
+            &hop.extra(),
             super::super::h1::ReqBody::None,
         );
         let mut fields = [httparse::EMPTY_HEADER; 32];

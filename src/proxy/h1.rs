@@ -167,7 +167,7 @@ impl ReqBody {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Extra<'a> {
     pub host: Option<&'a HeaderValue>,
-    pub fields: &'a [(&'a HeaderName, &'a HeaderValue)],
+    pub fields: &'a [(&'static HeaderName, HeaderValue)],
 }
 
 /// Appends a request head to `dst`. Names and values come from `http`'s types, so they hold no
@@ -858,12 +858,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-a", HeaderValue::from_static("1"));
         h.insert(header::HOST, HeaderValue::from_static("client.example"));
-        let (name, value) = (
-            HeaderName::from_static("x-b"),
-            HeaderValue::from_static("2"),
-        );
+        static X_B: HeaderName = HeaderName::from_static("x-b");
         let up = HeaderValue::from_static("up:80");
-        let fields = [(&name, &value)];
+        let fields = [(&X_B, HeaderValue::from_static("2"))];
         let mut out = Vec::new();
         let extra = Extra {
             host: Some(&up),

@@ -332,18 +332,14 @@ impl Proxy {
                     return self.denial(snap, d, grant.key.as_ref(), false);
                 }
             };
-        let fields = hop.fields();
         let watch = ctx.watch;
         let metrics = self.gate.metrics();
         let upstream_watch = Stopwatch::start();
         metrics
             .overhead_seconds
             .observe(upstream_watch.since(&watch).as_secs_f64());
-        let result = tokio::time::timeout(
-            cfg.upstream.request_timeout,
-            pool.send(req, &hop.extra(&fields)),
-        )
-        .await;
+        let result =
+            tokio::time::timeout(cfg.upstream.request_timeout, pool.send(req, &hop.extra())).await;
         metrics
             .upstream_seconds
             .observe(upstream_watch.elapsed().as_secs_f64());
@@ -489,10 +485,7 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         let mut resp = Response::new(Either::Right(Full::new(snap.errors.body(d))));
         *resp.status_mut() = d.status();
-        *resp.headers_mut() = match fast_denial_headers(d, key, close) {
-            Some(h) => h,
-            None => denial_headers(snap, d, key, close),
-        };
+        *resp.headers_mut() = denial_headers(snap, d, key, close);
         resp
     }
 
@@ -531,70 +524,42 @@ impl Proxy {
     }
 }
 
-/// A denial's headers from a template ([`refusal`]) for the common shapes; `None` for the
-/// others. Field for field what [`denial_headers`] makes (tested).
-fn fast_denial_headers(d: Denial, key: Option<&KeyView>, close: bool) -> Option<http::HeaderMap> {
-    use refusal::Shape;
-    if close {
-        return None;
-    }
-    Some(match (d, key) {
-        (Denial::RateLimited(i), Some(k)) => refusal::headers(
-            Shape::Limited,
-            [
-                values::int(i.retry_after_secs),
-                k.policy_header.clone(),
-                ratelimit_value(k, &i)?,
-                i.limit_header.clone(),
-                values::int(i.remaining.into()),
-                values::int(i.reset_secs),
-            ],
-        ),
-        (Denial::TooManyFailedAuth { retry_after_secs }, None) => {
-            refusal::headers(Shape::Retry, [values::int(retry_after_secs)])
-        }
-        (
-            Denial::RateLimited(_)
-            | Denial::TooManyFailedAuth { .. }
-            | Denial::MethodNotAllowed { .. },
-            _,
-        ) => return None,
-        (_, Some(k)) => refusal::headers(Shape::Keyed, [k.policy_header.clone()]),
-        (_, None) => refusal::headers(Shape::Plain, []),
-    })
-}
-
-/// A denial's headers, field by field.
+/// A denial's headers, from its shape's template ([`refusal`]). A refusal is either keyed
+/// (the gate knew the key) or carries `Retry-After` or `Allow`, never two of these, except
+/// the over-limit one, which has a shape of its own.
 fn denial_headers(
     snap: &Snapshot,
     d: Denial,
     key: Option<&KeyView>,
     close: bool,
 ) -> http::HeaderMap {
-    // Room for every field this can add (four of ours, five rate fields with a key) and
-    // `handle`'s `x-request-id`, so the map never grows: a 429 rehashed and reallocated it.
-    let mut h = http::HeaderMap::with_capacity(if key.is_some() { 10 } else { 5 });
-    h.insert(header::CONTENT_TYPE, JSON.clone());
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    match d {
-        Denial::MethodNotAllowed { group } => {
-            h.insert(header::ALLOW, snap.routes.allow(group).clone());
+    use refusal::Shape;
+    let mut h = match (d, key) {
+        (Denial::RateLimited(i), Some(k)) => refusal::headers(
+            Shape::Limited,
+            [
+                values::int(i.retry_after_secs),
+                k.policy_header.clone(),
+                // Made of a header value's bytes, quotes and digits: always a valid value.
+                ratelimit_value(k, &i).unwrap_or(HeaderValue::from_static("")),
+                i.limit_header.clone(),
+                values::int(i.remaining.into()),
+                values::int(i.reset_secs),
+            ],
+        ),
+        (
+            Denial::RateLimited(RateInfo {
+                retry_after_secs, ..
+            })
+            | Denial::TooManyFailedAuth { retry_after_secs },
+            _,
+        ) => refusal::headers(Shape::Retry, [values::int(retry_after_secs)]),
+        (Denial::MethodNotAllowed { group }, _) => {
+            refusal::headers(Shape::Allow, [snap.routes.allow(group).clone()])
         }
-        Denial::RateLimited(info) => {
-            h.insert(header::RETRY_AFTER, values::int(info.retry_after_secs));
-        }
-        Denial::TooManyFailedAuth { retry_after_secs } => {
-            h.insert(header::RETRY_AFTER, values::int(retry_after_secs));
-        }
-        _ => {}
-    }
-    if let Some(k) = key {
-        let info = match d {
-            Denial::RateLimited(info) => Some(info),
-            _ => None,
-        };
-        rate_headers(&mut h, k, info.as_ref());
-    }
+        (_, Some(k)) => refusal::headers(Shape::Keyed, [k.policy_header.clone()]),
+        (_, None) => refusal::headers(Shape::Plain, []),
+    };
     if close {
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }

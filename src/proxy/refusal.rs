@@ -1,12 +1,11 @@
-//! The header maps of the common refusals, made without hashing a name.
+//! The header maps of refusals, made without hashing a name.
 //!
 //! Built field by field, a refusal's map hashes each name it inserts: nine for a 429 with a
-//! key. The common shapes are made once instead, as templates with placeholder values: a
-//! refusal clones its template (the same two allocations `with_capacity` made) and sets the
-//! values by position. Each template ends with `x-request-id`, so the id the proxy sets last
-//! replaces the placeholder in place and the map never grows. Rarer shapes (`Allow`,
-//! `Connection: close`) are built by inserts in [`super::Proxy::denial`], against which the
-//! templates are tested.
+//! key. Each shape is made once instead, as a template with placeholder values: a refusal
+//! clones its template (the same two allocations `with_capacity` made) and sets the values by
+//! position. Each template ends with `x-request-id`, so the id the proxy sets last replaces
+//! the placeholder in place and the map never grows. (`Connection: close`, on the rare
+//! refusals that end the connection, is inserted.)
 
 use std::sync::LazyLock;
 
@@ -30,12 +29,15 @@ pub(super) enum Shape {
     Keyed,
     /// A key over its limit: `Retry-After` and every rate field.
     Limited,
+    /// No route for the method: `Allow`.
+    Allow,
 }
 
 /// The names of a shape's fields after `content-type` and `cache-control`, in order.
 fn names(shape: Shape) -> &'static [&'static HeaderName] {
     static RETRY: &[&HeaderName] = &[&header::RETRY_AFTER, &forward::X_REQUEST_ID];
     static PLAIN: &[&HeaderName] = &[&forward::X_REQUEST_ID];
+    static ALLOW: &[&HeaderName] = &[&header::ALLOW, &forward::X_REQUEST_ID];
     static KEYED: &[&HeaderName] = &[&RATELIMIT_POLICY, &forward::X_REQUEST_ID];
     static LIMITED: &[&HeaderName] = &[
         &header::RETRY_AFTER,
@@ -51,6 +53,7 @@ fn names(shape: Shape) -> &'static [&'static HeaderName] {
         Shape::Retry => RETRY,
         Shape::Keyed => KEYED,
         Shape::Limited => LIMITED,
+        Shape::Allow => ALLOW,
     }
 }
 
@@ -65,14 +68,15 @@ fn template(shape: Shape) -> HeaderMap {
     h
 }
 
-static TEMPLATES: LazyLock<[HeaderMap; 4]> = LazyLock::new(|| {
-    [
-        template(Shape::Plain),
-        template(Shape::Retry),
-        template(Shape::Keyed),
-        template(Shape::Limited),
-    ]
-});
+const SHAPES: [Shape; 5] = [
+    Shape::Plain,
+    Shape::Retry,
+    Shape::Keyed,
+    Shape::Limited,
+    Shape::Allow,
+];
+
+static TEMPLATES: LazyLock<[HeaderMap; 5]> = LazyLock::new(|| SHAPES.map(template));
 
 /// A refusal's map in `shape`, `values` set in the order of the shape's fields after
 /// `content-type` and `cache-control` (the last, `x-request-id`, is left to the caller).
@@ -91,7 +95,7 @@ mod tests {
 
     #[test]
     fn templates_hold_their_names_in_order_once_each() {
-        for shape in [Shape::Plain, Shape::Retry, Shape::Keyed, Shape::Limited] {
+        for shape in SHAPES {
             let h = &TEMPLATES[shape as usize];
             let got: Vec<&HeaderName> = h.keys().collect();
             let mut want = vec![&header::CONTENT_TYPE, &header::CACHE_CONTROL];
