@@ -85,6 +85,11 @@ struct State {
     pending: Option<Head>,
     /// The ticket whose task the socket would wake (the last to see it not ready).
     polled_by: Option<u64>,
+    /// The ticket that writes the heads queued in this turn of the runtime: the first queued
+    /// on an empty pipe, which lets the turn's other requests be decided first. Until it is
+    /// polled, the others leave the heads queued, so they go out in one write, and only the
+    /// writer pays a yield to the runtime.
+    writer: Option<u64>,
     /// When the pipe last had nothing outstanding (made, or its last answer read), for the
     /// idle timeout.
     idle_since: Instant,
@@ -106,6 +111,7 @@ impl Pipe {
                 read: 0,
                 pending: None,
                 polled_by: None,
+                writer: None,
                 idle_since: Instant::now(),
             }),
         }
@@ -117,8 +123,8 @@ impl Pipe {
 
     /// Queues a request whose head `encode` appends, if the pipe is open, has fewer than
     /// `depth` answers outstanding, and (when it has none) has not been idle past `idle` nor
-    /// been closed by the upstream. The head is written by the first of its requests to be
-    /// polled: those queued in the same turn of the runtime go out together.
+    /// been closed by the upstream. The heads queued in one turn of the runtime go out together,
+    /// written by the first of them ([`Wait::writes`]).
     pub fn attach(
         self: &Arc<Self>,
         depth: usize,
@@ -136,6 +142,10 @@ impl Pipe {
             return None;
         }
         st.conn.as_ref()?;
+        let writes = st.out.is_empty() && st.writer.is_none();
+        if writes {
+            st.writer = Some(next);
+        }
         encode(&mut st.out);
         st.tickets.push_back(Ticket {
             head,
@@ -145,6 +155,7 @@ impl Pipe {
             pipe: self.clone(),
             ticket: next,
             done: false,
+            writes,
         })
     }
 
@@ -187,8 +198,18 @@ impl State {
     /// Writes what is queued and reads answers while any is awaited, until the socket is not
     /// ready or nothing is awaited.
     fn drive(&mut self, cx: &mut Context<'_>, me: u64) {
-        let wrote = !self.out.is_empty();
-        while !self.out.is_empty() {
+        // Once the writer has been polled, whoever drives writes what is queued.
+        let writes = match self.writer {
+            None => true,
+            Some(w) => {
+                if w == me {
+                    self.writer = None;
+                }
+                w == me
+            }
+        };
+        let wrote = writes && !self.out.is_empty();
+        while writes && !self.out.is_empty() {
             let Some(conn) = self.conn.as_mut() else {
                 self.out.clear();
                 break;
@@ -303,6 +324,7 @@ impl State {
     fn fail(&mut self, mut e: Option<H1Error>) {
         self.conn = None;
         self.out.clear();
+        self.writer = None;
         self.pending = None;
         while self.read < self.next() {
             let read = self.read;
@@ -331,12 +353,19 @@ impl State {
         }
     }
 
-    /// `me` is leaving: if the socket would have woken it, another waiter takes over.
+    /// `me` is leaving: if the socket would have woken it, or it was to write the queued heads,
+    /// another waiter takes over.
     fn hand_over(&mut self, me: u64) {
-        if self.polled_by != Some(me) {
+        let wrote = self.writer == Some(me);
+        if wrote {
+            self.writer = None;
+        }
+        if !(wrote || self.polled_by == Some(me)) {
             return;
         }
-        self.polled_by = None;
+        if self.polled_by == Some(me) {
+            self.polled_by = None;
+        }
         let (from, to) = ((self.read - self.first) as usize, self.tickets.len());
         for t in self.tickets.range_mut(from..to) {
             if let Slot::Waiting(Some(w)) = &t.slot {
@@ -353,6 +382,15 @@ pub struct Wait {
     pipe: Arc<Pipe>,
     ticket: u64,
     done: bool,
+    writes: bool,
+}
+
+impl Wait {
+    /// Whether this request writes the heads queued in its turn: its owner should yield to
+    /// the runtime before polling it, so that the turn's other requests are queued first.
+    pub fn writes(&self) -> bool {
+        self.writes
+    }
 }
 
 impl std::future::Future for Wait {
@@ -403,5 +441,128 @@ impl Drop for Wait {
         };
         st.hand_over(me);
         st.trim();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use futures_util::task::{waker, ArcWake};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    /// A pipe over a real loopback connection, and the upstream's end of it.
+    async fn pipe() -> (Arc<Pipe>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (up, _) = l.accept().await.unwrap();
+        (Arc::new(Pipe::new(Conn::new(h1::Io::Plain(c)))), up)
+    }
+
+    fn head(path: &str) -> String {
+        format!("GET {path} HTTP/1.1\r\nhost: up\r\n\r\n")
+    }
+
+    fn get(pipe: &Arc<Pipe>, path: &str) -> Wait {
+        let h = head(path);
+        pipe.attach(8, IDLE, false, |out| out.extend_from_slice(h.as_bytes()))
+            .unwrap()
+    }
+
+    /// Counts its wakes.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+
+    impl ArcWake for Count {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Polls `w` once with a waker that counts.
+    fn poll_once(w: &mut Wait, count: &Arc<Count>) -> Poll<Answer> {
+        let wk = waker(count.clone());
+        Pin::new(w).poll(&mut Context::from_waker(&wk))
+    }
+
+    /// Reads from the upstream's end until `want` bytes have come.
+    async fn read(up: &mut TcpStream, want: usize) -> String {
+        let mut got = vec![0; want];
+        up.read_exact(&mut got).await.unwrap();
+        String::from_utf8(got).unwrap()
+    }
+
+    async fn answer(up: &mut TcpStream, bodies: &[&str]) {
+        for b in bodies {
+            let a = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{b}", b.len());
+            up.write_all(a.as_bytes()).await.unwrap();
+        }
+    }
+
+    fn body(a: Answer) -> Bytes {
+        match a {
+            Answer::Whole(h, b) if h.status == 200 => b.unwrap_or_default(),
+            _ => panic!("not a whole 200"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_request_of_a_turn_writes_every_head_queued_in_it() {
+        let (pipe, mut up) = pipe().await;
+        let mut a = get(&pipe, "/a");
+        let mut b = get(&pipe, "/b");
+        assert!(
+            a.writes() && !b.writes(),
+            "the first queued on an empty pipe writes"
+        );
+        let count = Arc::new(Count::default());
+        // Polled before the writer, `b` leaves both heads queued.
+        assert!(poll_once(&mut b, &count).is_pending());
+        let both = format!("{}{}", head("/a"), head("/b"));
+        assert_eq!(pipe.lock().out, both.as_bytes());
+        // The writer sends both in one write.
+        assert!(poll_once(&mut a, &count).is_pending());
+        assert!(pipe.lock().out.is_empty());
+        assert_eq!(read(&mut up, both.len()).await, both);
+        answer(&mut up, &["a", "b"]).await;
+        assert_eq!(body(a.await), "a");
+        assert_eq!(body(b.await), "b");
+        // The next turn's first request writes again.
+        let mut c = get(&pipe, "/c");
+        assert!(c.writes());
+        assert!(poll_once(&mut c, &count).is_pending());
+        assert!(pipe.lock().out.is_empty());
+        assert_eq!(read(&mut up, head("/c").len()).await, head("/c"));
+        answer(&mut up, &["c"]).await;
+        assert_eq!(body(c.await), "c");
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_goes_away_before_writing_hands_the_heads_to_another() {
+        let (pipe, mut up) = pipe().await;
+        let a = get(&pipe, "/a");
+        let mut b = get(&pipe, "/b");
+        let count = Arc::new(Count::default());
+        assert!(poll_once(&mut b, &count).is_pending());
+        assert!(
+            !pipe.lock().out.is_empty(),
+            "b left the heads to the writer"
+        );
+        drop(a);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "b is woken to write");
+        assert!(poll_once(&mut b, &count).is_pending());
+        assert!(pipe.lock().out.is_empty());
+        let both = format!("{}{}", head("/a"), head("/b"));
+        assert_eq!(read(&mut up, both.len()).await, both);
+        // The abandoned request's answer is read and dropped; b gets its own.
+        answer(&mut up, &["a", "b"]).await;
+        assert_eq!(body(b.await), "b");
     }
 }

@@ -283,8 +283,11 @@ impl Pool {
             }
         };
         // As in `h1::exchange`: the requests of this turn are queued before the first of them
-        // writes, so their heads go out in one write.
-        tokio::task::yield_now().await;
+        // writes, so their heads go out in one write. Only that first one yields; the others
+        // wait for their answers at once, which saves each a turn through the runtime.
+        if wait.writes() {
+            tokio::task::yield_now().await;
+        }
         Ok(match wait.await {
             Answer::Whole(h, body) => Some(response(
                 h.status,
