@@ -198,16 +198,12 @@ impl State {
     /// Writes what is queued and reads answers while any is awaited, until the socket is not
     /// ready or nothing is awaited.
     fn drive(&mut self, cx: &mut Context<'_>, me: u64) {
-        // Once the writer has been polled, whoever drives writes what is queued.
-        let writes = match self.writer {
-            None => true,
-            Some(w) => {
-                if w == me {
-                    self.writer = None;
-                }
-                w == me
-            }
-        };
+        // Until the writer has been polled the heads stay queued for it; then whoever drives
+        // writes what is queued.
+        let writes = self.writer.is_none_or(|w| w == me);
+        if writes {
+            self.writer = None;
+        }
         let wrote = writes && !self.out.is_empty();
         while writes && !self.out.is_empty() {
             let Some(conn) = self.conn.as_mut() else {
@@ -356,14 +352,14 @@ impl State {
     /// `me` is leaving: if the socket would have woken it, or it was to write the queued heads,
     /// another waiter takes over.
     fn hand_over(&mut self, me: u64) {
-        let wrote = self.writer == Some(me);
-        if wrote {
-            self.writer = None;
-        }
-        if !(wrote || self.polled_by == Some(me)) {
+        let (writer, polled) = (self.writer == Some(me), self.polled_by == Some(me));
+        if !(writer || polled) {
             return;
         }
-        if self.polled_by == Some(me) {
+        if writer {
+            self.writer = None;
+        }
+        if polled {
             self.polled_by = None;
         }
         let (from, to) = ((self.read - self.first) as usize, self.tickets.len());
