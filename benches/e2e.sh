@@ -76,8 +76,14 @@ start_all() {
   keygate_config keygate 18083 19090 "$1" closed
   keygate_config open 18084 19091 "$1" open
   keygate_config serial 18085 19092 "$1" serial
+  # Each keygate in a session of its own, as nginx and HAProxy are (they daemonize): with
+  # autogroup scheduling (kernel.sched_autogroup_enabled, on by default) a session is a group
+  # that gets an equal share of the CPUs. Started from this script, keygate shared wrk's group
+  # and got half the share its peers got; at two workers that starved the upstream in turns
+  # (stalls of 20-40 ms; BENCHMARKS.md, "Session of 2026-12-05 (third)"). setsid execs in
+  # place here (a background job is not a group leader), so $! is keygate's pid.
   for c in keygate open serial; do
-    ./target/release/keygate run --config "$W/$c.toml" >> "$W/$c.log" 2>&1 & pids+=($!)
+    setsid ./target/release/keygate run --config "$W/$c.toml" >> "$W/$c.log" 2>&1 & pids+=($!)
   done
   kg_pid=${pids[0]}
   for port in 19090 19091 19092; do
@@ -186,18 +192,24 @@ for s in $SCENARIOS; do
 done
 
 # --- summary: medians per scenario and system, and the ratios -------------------------------------
+# Each figure is the median over the rounds, taken on its own (the p99 is the median of the rounds'
+# p99s, not the p99 of the median-throughput round): one round's scheduling luck moves a tail.
 echo
-awk '$3 ~ /^rps=/ {split($3,a,"="); print $1, $2, a[2], $4, $5, $6, $7}' $D/results | sort -k1,1 -k2,2 -k3,3g |
-awk '{k=$1" "$2; v[k]=v[k]" "$3; l[k]=$4" "$5" "$6" "$7} END {for (k in v) print k, v[k], "|", l[k]}' |
-while read -r sc sys rest; do
-  vals=${rest%%|*}; lat=${rest#*|}
-  med=$(echo "$vals" | tr ' ' '\n' | grep . | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
-  echo "median $sc $sys rps=$med last:$lat"
-done | sort | tee $D/medians
-awk '{split($4,a,"="); m[$2" "$3]=a[2]} END {
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+awk '$3 ~ /^rps=/ {print $1, $2}' $D/results | sort -u |
+while read -r sc sys; do
+  line="median $sc $sys"
+  for f in rps p50 p99 p999 non2xx; do
+    line="$line $f=$(awk -v s="$sc" -v y="$sys" -v f="$f" '$1 == s && $2 == y {
+      for (i = 3; i <= NF; i++) { split($i, a, "="); if (a[1] == f) print a[2] } }' $D/results | median)"
+  done
+  echo "$line"
+done | tee $D/medians
+awk '{split($4,a,"="); m[$2" "$3]=a[2]; split($6,b,"="); p[$2" "$3]=b[2]} END {
   v = m["valid keygate"]
   if (m["valid direct"]) printf "valid: keygate/direct=%.2f keygate/nginx=%.2f keygate/haproxy=%.2f nginx/direct=%.2f haproxy/direct=%.2f keygate/keygate-open=%.2f\n", v/m["valid direct"], v/m["valid nginx"], v/m["valid haproxy"], m["valid nginx"]/m["valid direct"], m["valid haproxy"]/m["valid direct"], v/m["valid open"]
-  if (m["valid serial"]) printf "pipelining off (serial): serial/nginx=%.2f serial/haproxy=%.2f serial/direct=%.2f keygate/serial=%.2f\n", m["valid serial"]/m["valid nginx"], m["valid serial"]/m["valid haproxy"], m["valid serial"]/m["valid direct"], v/m["valid serial"]
+  if (p["valid keygate"] && p["valid nginx"] && p["valid haproxy"]) printf "valid p99 (us): keygate=%d nginx=%d haproxy=%d keygate/nginx=%.2f keygate/haproxy=%.2f (at most 1: no worse)\n", p["valid keygate"], p["valid nginx"], p["valid haproxy"], p["valid keygate"]/p["valid nginx"], p["valid keygate"]/p["valid haproxy"]
+  if (m["valid serial"]) printf "pipelining off (serial): serial/nginx=%.2f serial/haproxy=%.2f serial/direct=%.2f keygate/serial=%.2f; p99 serial/nginx=%.2f serial/haproxy=%.2f\n", m["valid serial"]/m["valid nginx"], m["valid serial"]/m["valid haproxy"], m["valid serial"]/m["valid direct"], v/m["valid serial"], p["valid serial"]/p["valid nginx"], p["valid serial"]/p["valid haproxy"]
   if (m["invalid-repeated keygate"]) printf "invalid: keygate repeated/valid=%.2f random/valid=%.2f random/repeated=%.2f; nginx repeated/valid=%.2f; haproxy repeated/valid=%.2f\n", m["invalid-repeated keygate"]/v, m["invalid-random keygate"]/v, m["invalid-random keygate"]/m["invalid-repeated keygate"], m["invalid-repeated nginx"]/m["valid nginx"], m["invalid-repeated haproxy"]/m["valid haproxy"]
   if (m["limited keygate"]) printf "limited: keygate/nginx=%.2f keygate/haproxy=%.2f keygate limited/valid=%.2f; all over the limit (429s): keygate over-limit/valid=%.2f, nginx %.2f, haproxy %.2f\n", m["limited keygate"]/m["limited nginx"], m["limited keygate"]/m["limited haproxy"], m["limited keygate"]/v, m["over-limit keygate"]/v, m["over-limit nginx"]/m["valid nginx"], m["over-limit haproxy"]/m["valid haproxy"]
 }' $D/medians
