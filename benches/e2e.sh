@@ -104,14 +104,7 @@ function done(summary, latency, requests)
     latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
 end
 EOF
-cat "$W/report.lua" - > "$W/valid.lua" <<'EOF'
-local n = 0
-function init(args) n = math.random(0, 999) end
-function request()
-  n = (n + 1) % 1000
-  return wrk.format("GET", nil, { ["x-api-key"] = string.format("sk_live_benchkey_%022d", n) })
-end
-EOF
+cat "$W/report.lua" benches/wrk/bench-keys.lua > "$W/valid.lua"
 cat "$W/report.lua" - > "$W/repeated.lua" <<'EOF'
 wrk.headers["x-api-key"] = "sk_live_benchkey_9999999999999999999999"
 EOF

@@ -8,8 +8,8 @@
 # on its p99 many times over. This tells a slow gateway from a starved client or a stalled
 # upstream (BENCHMARKS.md, "Session of 2026-12-05 (third)").
 #
-#   bash benches/wire.sh URL        env: DUR seconds (4), CONN (64), LUA (a wrk script; default:
-#                                   the 1,000 bench keys in turn), STALL ms (5)
+#   bash benches/wire.sh URL        env: DUR seconds (4), CONN (64), LUA (a wrk script; default
+#                                   benches/wrk/bench-keys.lua), STALL ms (5)
 # Start the system under test first (for keygate: `setsid target/release/keygate run --config
 # config/bench.toml &`, with the upstream of ../shared/bench/peers/nginx-backend.conf).
 set -euo pipefail
@@ -21,17 +21,7 @@ for tool in tcpdump wrk; do
   command -v "$tool" >/dev/null || apt-get install -y -qq tcpdump wrk >/dev/null
 done
 W=$(mktemp -d); trap 'rm -rf "$W"' EXIT
-if [ -z "${LUA:-}" ]; then
-  LUA=$W/valid.lua
-  cat > "$LUA" <<'EOF'
-local n = 0
-function init(args) n = math.random(0, 999) end
-function request()
-  n = (n + 1) % 1000
-  return wrk.format("GET", nil, { ["x-api-key"] = string.format("sk_live_benchkey_%022d", n) })
-end
-EOF
-fi
+LUA=${LUA:-$(dirname "$0")/wrk/bench-keys.lua}
 cat "$LUA" - > "$W/run.lua" <<'EOF'
 function done(summary, latency, requests)
   io.write(string.format("wrk: requests/s=%.0f p50=%.0f p99=%.0f p99.9=%.0f us\n",
