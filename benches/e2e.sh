@@ -152,7 +152,7 @@ cpu() {
     'BEGIN {printf "cpu %s requests=%d cpu_s=%.2f us_per_request=%.1f\n", n, r, t/hz, t/hz*1e6/r}' | tee -a $D/results
 }
 
-echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); workers=$WORKERS conn=$CONN dur=${DUR}s rounds=$ROUNDS"
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); kernel $(uname -r), autogroup=$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo none); workers=$WORKERS conn=$CONN dur=${DUR}s rounds=$ROUNDS"
 start_all none
 for s in $SCENARIOS; do
   case $s in
