@@ -10,6 +10,7 @@
 #
 #   bash benches/wire.sh URL        env: DUR seconds (4), CONN (64), LUA (a wrk script; default
 #                                   benches/wrk/bench-keys.lua), STALL ms (5)
+# URL: an IPv4 loopback address with its port, e.g. http://127.0.0.1:18083/api/x.
 # Start the system under test first (for keygate: `setsid target/release/keygate run --config
 # config/bench.toml &`, with the upstream of ../shared/bench/peers/nginx-backend.conf).
 set -euo pipefail
@@ -37,7 +38,7 @@ sleep 0.5
 wrk -t1 -c"$CONN" -d"${DUR}s" -s "$W/run.lua" "$URL" | grep '^wrk:'
 sleep 0.2
 kill -INT $TD; wait $TD 2>/dev/null || true
-grep -E 'captured|dropped by kernel' "$W/tcpdump.err" | tr '\n' ' '; echo
+{ grep -E 'captured|dropped by kernel' "$W/tcpdump.err" || true; } | tr '\n' ' '; echo
 
 # Segments that carry data: to PORT is a request, from PORT an answer (wrk keeps one request in
 # flight per connection).
