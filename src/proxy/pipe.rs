@@ -352,15 +352,10 @@ impl State {
     /// `me` is leaving: if the socket would have woken it, or it was to write the queued heads,
     /// another waiter takes over.
     fn hand_over(&mut self, me: u64) {
-        let (writer, polled) = (self.writer == Some(me), self.polled_by == Some(me));
+        let writer = self.writer.take_if(|w| *w == me).is_some();
+        let polled = self.polled_by.take_if(|p| *p == me).is_some();
         if !(writer || polled) {
             return;
-        }
-        if writer {
-            self.writer = None;
-        }
-        if polled {
-            self.polled_by = None;
         }
         let (from, to) = ((self.read - self.first) as usize, self.tickets.len());
         for t in self.tickets.range_mut(from..to) {
