@@ -123,22 +123,43 @@ cat "$W/valid.lua" - > "$W/paced.lua" <<'EOF'
 function delay() return 8 end
 EOF
 
-# bench SCENARIO NAME SCRIPT
-bench() {
-  local url_var="URL_$2"; local out
-  out=$(wrk -t1 -c"$CONN" -d"${DUR}s" -s "$W/$3.lua" "${!url_var}" 2>&1)
-  local rps non2xx rep
-  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  rep=$(echo "$out" | awk '/^REPORT/ {print $3, $4, $5}')
-  echo "$1 $2 rps=$rps ${rep} non2xx=${non2xx:-0}" | tee -a $D/results
-}
-cpu_ticks() { # sum of utime+stime of a process and its children threads/processes
+cpu_ticks() { # sum of utime+stime of processes (all their threads), in clock ticks
   local total=0
   for p in "$@"; do
     [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
   done
   echo $total
+}
+# pids_of NAME: the processes whose CPU a system's requests cost (for direct, the upstream's).
+pids_of() {
+  local m
+  case $1 in
+    direct) m=$(cat $D/backend.pid); echo "$m" $(pgrep -P "$m") ;;
+    nginx) m=$(cat $D/nginx-gw.pid); echo "$m" $(pgrep -P "$m") ;;
+    haproxy) cat $D/haproxy.pid ;;
+    keygate) echo "${pids[0]}" ;;
+    open) echo "${pids[1]}" ;;
+    serial) echo "${pids[2]}" ;;
+  esac
+}
+# bench SCENARIO NAME SCRIPT: wrk's figures, then what the run cost: the system's CPU per request
+# (cpu_us), its CPU and wrk's as a share of one core (cpu_pct, wrk_pct). A system near 100 % per
+# worker is the bound; wrk near 100 % means the load generator is, and requests/s understates the
+# system. HZ-tick resolution: 10 ms over the run.
+bench() {
+  local url_var="URL_$2" out sys_pids before after TIMEFORMAT='WRKCPU %U %S'
+  # shellcheck disable=SC2207
+  sys_pids=($(pids_of "$2"))
+  before=$(cpu_ticks "${sys_pids[@]}")
+  out=$( { time wrk -t1 -c"$CONN" -d"${DUR}s" -s "$W/$3.lua" "${!url_var}" 2>&1; } 2>&1)
+  after=$(cpu_ticks "${sys_pids[@]}")
+  local rps non2xx rep cost
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  rep=$(echo "$out" | awk '/^REPORT/ {print $3, $4, $5}')
+  cost=$(echo "$out" | awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v d="$DUR" -v r="$rps" \
+    '/^WRKCPU/ {printf "cpu_us=%.2f cpu_pct=%.0f wrk_pct=%.0f", t / hz * 1e6 / (r * d), t / hz / d * 100, ($2 + $3) / d * 100}')
+  echo "$1 $2 rps=$rps ${rep} non2xx=${non2xx:-0} $cost" | tee -a $D/results
 }
 # cpu NAME PIDS...: requests served and CPU µs per request at the paced rate.
 cpu() {
@@ -192,18 +213,22 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 awk '$3 ~ /^rps=/ {print $1, $2}' $D/results | sort -u |
 while read -r sc sys; do
   line="median $sc $sys"
-  for f in rps p50 p99 p999 non2xx; do
+  for f in rps p50 p99 p999 non2xx cpu_us cpu_pct wrk_pct; do
     line="$line $f=$(awk -v s="$sc" -v y="$sys" -v f="$f" '$1 == s && $2 == y {
       for (i = 3; i <= NF; i++) { split($i, a, "="); if (a[1] == f) print a[2] } }' $D/results | median)"
   done
   echo "$line"
 done | tee $D/medians
-awk '{split($4,a,"="); m[$2" "$3]=a[2]; split($6,b,"="); p[$2" "$3]=b[2]} END {
+awk '{k = $2" "$3; split($4,a,"="); m[k]=a[2]; split($6,b,"="); p[k]=b[2]; split($9,c,"="); u[k]=c[2]; split($11,w,"="); g[k]=w[2]} END {
   v = m["valid keygate"]
   if (m["valid direct"]) printf "valid: keygate/direct=%.2f keygate/nginx=%.2f keygate/haproxy=%.2f nginx/direct=%.2f haproxy/direct=%.2f keygate/keygate-open=%.2f\n", v/m["valid direct"], v/m["valid nginx"], v/m["valid haproxy"], m["valid nginx"]/m["valid direct"], m["valid haproxy"]/m["valid direct"], v/m["valid open"]
   if (p["valid keygate"] && p["valid nginx"] && p["valid haproxy"]) printf "valid p99 (us): keygate=%d nginx=%d haproxy=%d keygate/nginx=%.2f keygate/haproxy=%.2f (at most 1: no worse)\n", p["valid keygate"], p["valid nginx"], p["valid haproxy"], p["valid keygate"]/p["valid nginx"], p["valid keygate"]/p["valid haproxy"]
   if (m["valid serial"]) printf "pipelining off (serial): serial/nginx=%.2f serial/haproxy=%.2f serial/direct=%.2f keygate/serial=%.2f; p99 serial/nginx=%.2f serial/haproxy=%.2f\n", m["valid serial"]/m["valid nginx"], m["valid serial"]/m["valid haproxy"], m["valid serial"]/m["valid direct"], v/m["valid serial"], p["valid serial"]/p["valid nginx"], p["valid serial"]/p["valid haproxy"]
   if (m["invalid-repeated keygate"]) printf "invalid: keygate repeated/valid=%.2f random/valid=%.2f random/repeated=%.2f; nginx repeated/valid=%.2f; haproxy repeated/valid=%.2f\n", m["invalid-repeated keygate"]/v, m["invalid-random keygate"]/v, m["invalid-random keygate"]/m["invalid-repeated keygate"], m["invalid-repeated nginx"]/m["valid nginx"], m["invalid-repeated haproxy"]/m["valid haproxy"]
+  # Capacity: CPU per forwarded request over CPU per refusal, each measured at saturation, so
+  # the ratio holds whether the system or wrk was the bound (wrk_pct says which).
+  if (u["invalid-repeated keygate"] && u["valid keygate"]) printf "CPU per request (us): keygate valid=%.2f repeated-invalid=%.2f random-invalid=%.2f; valid/refusal: repeated=%.2f random=%.2f; nginx valid/repeated=%.2f; haproxy valid/repeated=%.2f; wrk %%core in keygate valid=%d repeated=%d random=%d\n", u["valid keygate"], u["invalid-repeated keygate"], u["invalid-random keygate"], u["valid keygate"]/u["invalid-repeated keygate"], u["valid keygate"]/u["invalid-random keygate"], u["valid nginx"]/u["invalid-repeated nginx"], u["valid haproxy"]/u["invalid-repeated haproxy"], g["valid keygate"], g["invalid-repeated keygate"], g["invalid-random keygate"]
+  if (u["over-limit keygate"] && u["valid keygate"]) printf "CPU per 429 (us): keygate=%.2f nginx=%.2f haproxy=%.2f; valid/429: keygate=%.2f nginx=%.2f haproxy=%.2f; wrk %%core in keygate over-limit=%d\n", u["over-limit keygate"], u["over-limit nginx"], u["over-limit haproxy"], u["valid keygate"]/u["over-limit keygate"], u["valid nginx"]/u["over-limit nginx"], u["valid haproxy"]/u["over-limit haproxy"], g["over-limit keygate"]
   if (m["limited keygate"]) printf "limited: keygate/nginx=%.2f keygate/haproxy=%.2f keygate limited/valid=%.2f; all over the limit (429s): keygate over-limit/valid=%.2f, nginx %.2f, haproxy %.2f\n", m["limited keygate"]/m["limited nginx"], m["limited keygate"]/m["limited haproxy"], m["limited keygate"]/v, m["over-limit keygate"]/v, m["over-limit nginx"]/m["valid nginx"], m["over-limit haproxy"]/m["valid haproxy"]
 }' $D/medians
 grep '^cpu ' $D/results || true
