@@ -111,6 +111,8 @@ pub struct Metrics {
     pub header_timeouts: IntCounter,
     /// `keygate_connection_timeouts_total{timeout="idle"}`: closed as idle.
     pub idle_closes: IntCounter,
+    /// `keygate_lane_handovers_total`: connections the refusal lane handed to hyper.
+    pub lane_handovers: IntCounter,
     timeouts: IntCounterVec,
     striped: Arc<Mutex<Vec<Weak<Striped>>>>,
 }
@@ -197,6 +199,11 @@ impl Metrics {
                 "keygate_tunnels_open",
                 "Upgraded (WebSocket) and CONNECT tunnels open now.",
             )?,
+            lane_handovers: IntCounter::new(
+                "keygate_lane_handovers_total",
+                "Plain HTTP/1.1 connections the refusal lane handed to hyper (at their first \
+                 request not refused there).",
+            )?,
             header_timeouts: timeouts.with_label_values(&["header"]),
             idle_closes: timeouts.with_label_values(&["idle"]),
             timeouts,
@@ -219,6 +226,7 @@ impl Metrics {
         r.register(Box::new(m.upstream_connects.clone()))?;
         r.register(Box::new(m.tunnels_open.clone()))?;
         r.register(Box::new(m.timeouts.clone()))?;
+        r.register(Box::new(m.lane_handovers.clone()))?;
         Ok(m)
     }
 

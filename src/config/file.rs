@@ -67,6 +67,8 @@ pub(super) struct Proxy {
     pub(super) max_body_bytes: u64,
     #[serde(default)]
     pub(super) trust_forwarded: bool,
+    #[serde(default = "default_true")]
+    pub(super) refusal_lane: bool,
     #[serde(default)]
     pub(super) tls: Option<Tls>,
 }
@@ -92,6 +94,7 @@ impl Default for Proxy {
             max_headers: DEFAULT_MAX_HEADERS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             trust_forwarded: false,
+            refusal_lane: true,
             tls: None,
         }
     }

@@ -65,6 +65,8 @@ pub struct ProxyConfig {
     pub max_headers: usize,
     pub max_body_bytes: u64,
     pub trust_forwarded: bool,
+    /// Plain HTTP/1.1 connections start in the refusal lane ([`crate::proxy::lane`]).
+    pub refusal_lane: bool,
     /// TLS termination on the proxy listener; plain HTTP when absent.
     pub tls: Option<crate::tls::TlsFiles>,
 }
@@ -370,6 +372,7 @@ impl Validator<'_> {
             max_headers: f.proxy.max_headers,
             max_body_bytes: f.proxy.max_body_bytes,
             trust_forwarded: f.proxy.trust_forwarded,
+            refusal_lane: f.proxy.refusal_lane,
             tls: f.proxy.tls.as_ref().map(|t| crate::tls::TlsFiles {
                 cert: PathBuf::from(t.cert.get_ref()),
                 key: PathBuf::from(t.key.get_ref()),

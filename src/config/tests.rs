@@ -23,6 +23,9 @@ fn minimal_config_gets_the_defaults() {
     assert_eq!(c.credentials.sources, vec![CredentialSource::ApiKeyHeader]);
     assert_eq!(c.cache.negative_ttl, defaults::DEFAULT_NEGATIVE_TTL);
     assert!(c.state_dir.is_none());
+    assert!(c.proxy.refusal_lane);
+    let off = Config::from_toml(&format!("[proxy]\nrefusal_lane = false\n{MINIMAL}")).unwrap();
+    assert!(!off.proxy.refusal_lane);
 }
 
 #[test]

@@ -7,6 +7,7 @@
 pub mod body;
 pub mod forward;
 pub mod h1;
+pub mod lane;
 pub mod pipe;
 pub mod pool;
 mod refusal;
@@ -71,6 +72,29 @@ struct Upstream {
     hop: forward::Hop,
     /// What became of the body, if there is one.
     fate: Option<Arc<BodyFate>>,
+}
+
+/// A refusal's answer, before it becomes hyper's response or the lane's bytes.
+struct Refusal {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Refusal {
+    fn into_response(self) -> Response<ProxyBody> {
+        let mut resp = Response::new(Either::Right(Full::new(self.body)));
+        *resp.status_mut() = self.status;
+        *resp.headers_mut() = self.headers;
+        resp
+    }
+}
+
+/// What [`Proxy::early`] made of a request.
+enum Early {
+    Refused(Refusal),
+    /// Granted, or its key is to be loaded.
+    Checked(Check),
 }
 
 /// Per-connection facts, computed once per connection rather than per request.
@@ -147,24 +171,114 @@ impl Proxy {
     }
 
     /// Handles one request. Every answer carries `x-request-id`: the client's own when
-    /// `proxy.trust_forwarded` is set and it sent a sane one, else a new one.
+    /// `proxy.trust_forwarded` is set and it sent a sane one, else a new one. `checked` is
+    /// what [`Proxy::early`] already made of this request in the refusal lane, if it did.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         conn: &ConnInfo,
+        checked: Option<Check>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let snap = self.gate.snapshot();
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
+        let request_id = self.request_id(&snap, req.headers());
+        let mut resp = self.respond(&snap, req, conn, &request_id, checked).await;
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+        Ok(resp)
+    }
+
+    /// The client's `x-request-id` when trusted and sane, else a new one.
+    fn request_id(&self, snap: &Snapshot, headers: &http::HeaderMap) -> HeaderValue {
+        match headers.get(&X_REQUEST_ID) {
             Some(v)
                 if snap.config.proxy.trust_forwarded && v.len() <= 128 && v.to_str().is_ok() =>
             {
                 v.clone()
             }
             _ => self.ids.next(),
+        }
+    }
+
+    /// What a request meets first, wherever it was read (hyper's service or the refusal
+    /// lane): its framing, its field count, then the gate. A refusal here is final; a check
+    /// is what [`Proxy::respond`] goes on from.
+    fn early(
+        &self,
+        snap: &Snapshot,
+        parts: &http::request::Parts,
+        conn: &ConnInfo,
+        watch: &Stopwatch,
+        now: Now,
+    ) -> Early {
+        if let Some(d) = framing_denial(parts) {
+            snap.count(None, Outcome::Denied(d));
+            return Early::Refused(self.refusal(snap, d, None, true));
+        }
+        // HTTP/1's parser counts fields itself; HTTP/2's only bounds their bytes.
+        if parts.headers.len() > snap.config.proxy.max_headers {
+            snap.count(None, Outcome::Denied(Denial::HeadersTooLarge));
+            return Early::Refused(self.refusal(snap, Denial::HeadersTooLarge, None, false));
+        }
+        let head = RequestHead {
+            method: &parts.method,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+            peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
         };
-        let mut resp = self.respond(&snap, req, conn, &request_id).await;
-        resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-        Ok(resp)
+        self.settle(snap, self.gate.check(snap, &head, now), watch)
+    }
+
+    /// A check's refusal made final ([`Proxy::refused`]); any other check goes on.
+    fn settle(&self, snap: &Snapshot, check: Check, watch: &Stopwatch) -> Early {
+        match check {
+            Check::Denied { denial, key, route } => {
+                Early::Refused(self.refused(snap, denial, key.as_ref(), route, watch))
+            }
+            check => Early::Checked(check),
+        }
+    }
+
+    /// Loads a key the cache missed ([`Check::Lookup`]) and finishes its check.
+    async fn lookup(
+        &self,
+        snap: &Snapshot,
+        parts: &http::request::Parts,
+        conn: &ConnInfo,
+        now: Now,
+        digest: crate::gate::keys::Digest,
+    ) -> Check {
+        let head = RequestHead {
+            method: &parts.method,
+            path: parts.uri.path(),
+            headers: &parts.headers,
+            peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
+        };
+        let loaded = if self.gate.loads_inline() {
+            // Declared keys only: a miss is a map lookup, not worth a thread hop.
+            self.gate.load(&digest)
+        } else {
+            let gate = self.gate.clone();
+            tokio::task::spawn_blocking(move || gate.load(&digest))
+                .await
+                .unwrap_or_else(|_| Err(LoadError::Store("lookup task failed".into())))
+        };
+        self.gate.resume(snap, &head, now, loaded)
+    }
+
+    /// A gate's refusal: counted, its overhead observed, and its answer.
+    fn refused(
+        &self,
+        snap: &Snapshot,
+        d: Denial,
+        key: Option<&KeyView>,
+        route: Option<u16>,
+        watch: &Stopwatch,
+    ) -> Refusal {
+        snap.count(route, Outcome::Denied(d));
+        self.gate
+            .metrics()
+            .overhead_seconds
+            .observe(watch.elapsed().as_secs_f64());
+        self.refusal(snap, d, key, false)
     }
 
     async fn respond(
@@ -173,37 +287,20 @@ impl Proxy {
         req: Request<Incoming>,
         conn: &ConnInfo,
         request_id: &HeaderValue,
+        checked: Option<Check>,
     ) -> Response<ProxyBody> {
         let watch = Stopwatch::start();
         let now = self.gate.clock().now_at(&watch);
         let (parts, body) = req.into_parts();
-        if let Some(d) = framing_denial(&parts) {
-            snap.count(None, Outcome::Denied(d));
-            return self.denial(snap, d, None, true);
-        }
-        // HTTP/1's parser counts fields itself; HTTP/2's only bounds their bytes.
-        if parts.headers.len() > snap.config.proxy.max_headers {
-            snap.count(None, Outcome::Denied(Denial::HeadersTooLarge));
-            return self.denial(snap, Denial::HeadersTooLarge, None, false);
-        }
-        let head = RequestHead {
-            method: &parts.method,
-            path: parts.uri.path(),
-            headers: &parts.headers,
-            peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
+        let mut check = match checked {
+            Some(c) => c,
+            None => match self.early(snap, &parts, conn, &watch, now) {
+                Early::Refused(r) => return r.into_response(),
+                Early::Checked(c) => c,
+            },
         };
-        let mut check = self.gate.check(snap, &head, now);
         if let Check::Lookup(digest) = check {
-            let loaded = if self.gate.loads_inline() {
-                // Declared keys only: a miss is a map lookup, not worth a thread hop.
-                self.gate.load(&digest)
-            } else {
-                let gate = self.gate.clone();
-                tokio::task::spawn_blocking(move || gate.load(&digest))
-                    .await
-                    .unwrap_or_else(|_| Err(LoadError::Store("lookup task failed".into())))
-            };
-            check = self.gate.resume(snap, &head, now, loaded);
+            check = self.lookup(snap, &parts, conn, now, digest).await;
         }
         let grant = match check {
             Check::Granted(g) => g,
@@ -212,12 +309,9 @@ impl Proxy {
                 key,
                 route,
             } => {
-                snap.count(route, Outcome::Denied(d));
-                self.gate
-                    .metrics()
-                    .overhead_seconds
-                    .observe(watch.elapsed().as_secs_f64());
-                return self.denial(snap, d, key.as_ref(), false);
+                return self
+                    .refused(snap, d, key.as_ref(), route, &watch)
+                    .into_response()
             }
             Check::Lookup(_) => {
                 snap.count(None, Outcome::Denied(Denial::StoreUnavailable));
@@ -483,10 +577,15 @@ impl Proxy {
         key: Option<&KeyView>,
         close: bool,
     ) -> Response<ProxyBody> {
-        let mut resp = Response::new(Either::Right(Full::new(snap.errors.body(d))));
-        *resp.status_mut() = d.status();
-        *resp.headers_mut() = denial_headers(snap, d, key, close);
-        resp
+        self.refusal(snap, d, key, close).into_response()
+    }
+
+    fn refusal(&self, snap: &Snapshot, d: Denial, key: Option<&KeyView>, close: bool) -> Refusal {
+        Refusal {
+            status: d.status(),
+            headers: denial_headers(snap, d, key, close),
+            body: snap.errors.body(d),
+        }
     }
 
     /// The self-service usage answer: the caller's own key, plan, limits and heartbeat.

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::watch::{Activity, Counted, Verdict, Watchdog};
-use super::{ConnInfo, Proxy};
+use super::{lane, ConnInfo, Proxy};
 use crate::config::ProxyConfig;
 
 /// Connection limits and timeouts of the listener.
@@ -105,6 +105,9 @@ impl Drop for LiveGuard {
 /// Wraps accepted streams (plain TCP, or TLS later) into something hyper can serve.
 pub trait Acceptor: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Whether a connection may start in the refusal lane ([`super::lane`]): plain TCP only,
+    /// where a connection cannot be HTTP/2 but by its preface.
+    const LANE: bool;
     fn accept(
         &self,
         stream: tokio::net::TcpStream,
@@ -117,6 +120,7 @@ pub struct Plain;
 
 impl Acceptor for Plain {
     type Io = tokio::net::TcpStream;
+    const LANE: bool = true;
     async fn accept(&self, stream: tokio::net::TcpStream) -> std::io::Result<Self::Io> {
         Ok(stream)
     }
@@ -150,6 +154,7 @@ impl Tls {
 
 impl Acceptor for Tls {
     type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    const LANE: bool = false;
     async fn accept(&self, stream: tokio::net::TcpStream) -> std::io::Result<Self::Io> {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.config.load_full());
         // A handshake that trickles is bounded like a request head.
@@ -213,14 +218,15 @@ pub async fn serve<A: Acceptor>(
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         let live = live.clone();
-        let dog = (limits.idle_timeout, limits.header_read_timeout);
+        let limits = limits.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
             metrics.connections.inc();
             metrics.open_connections.inc();
             if let Ok(io) = acceptor.accept(stream).await {
                 let info = Arc::new(ConnInfo::new(peer, live));
-                connection(io, info, proxy, &builder, dog, shutdown).await;
+                let lane = A::LANE && proxy.gate.snapshot().config.proxy.refusal_lane;
+                connection(io, info, proxy, &builder, &limits, lane, shutdown).await;
             }
             metrics.open_connections.dec();
             drop(guard);
@@ -250,12 +256,14 @@ pub async fn serve<A: Acceptor>(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection<I>(
     io: I,
     info: Arc<ConnInfo>,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
-    (idle, header): (Duration, Duration),
+    limits: &Limits,
+    lane: bool,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -263,34 +271,82 @@ async fn connection<I>(
     let peer = info.peer;
     let gate = proxy.gate.clone();
     let activity = Arc::new(Activity::default());
+    let (idle, header) = (limits.idle_timeout, limits.header_read_timeout);
+    let mut dog = Watchdog::new(idle, header);
+    let period = Watchdog::period(idle, header);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // Each tick counts as a whole period, so late ticks must not come in a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut io = Counted::new(io, activity.clone());
+    let mut draining = false;
+    let (mut read, mut checked) = (bytes::Bytes::new(), None);
+    if lane {
+        let shared = lane::Shared::default();
+        let run = lane::run(&mut io, &proxy, &info, &activity, &shared, limits);
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                end = run.as_mut() => match end {
+                    lane::End::Closed => return,
+                    lane::End::Handover { read: r, checked: c } => {
+                        gate.metrics().lane_handovers.inc();
+                        (read, checked) = (r, c);
+                        break;
+                    }
+                },
+                _ = crate::server::stopped(&mut shutdown), if !draining => {
+                    draining = true;
+                    if shared.drain() {
+                        return;
+                    }
+                }
+                _ = tick.tick() => match dog.check(&activity) {
+                    Verdict::Fine => {}
+                    Verdict::Idle => {
+                        gate.metrics().idle_closes.inc();
+                        return;
+                    }
+                    Verdict::SlowHead => {
+                        tracing::debug!(%peer, "request head not complete within the header timeout");
+                        gate.metrics().header_timeouts.inc();
+                        return;
+                    }
+                },
+            }
+        }
+    }
+    let handed = Arc::new(lane::Handed::new(checked));
     let svc = {
         let activity = activity.clone();
         service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let info = info.clone();
             let activity = activity.clone();
+            let checked = handed.take();
             async move {
                 let _g = activity.begin(req.version() == Version::HTTP_2);
-                proxy.handle(req, &info).await
+                proxy.handle(req, &info, checked).await
             }
         })
     };
-    let io = TokioIo::new(Counted::new(io, activity.clone()));
+    let io = TokioIo::new(lane::Rewind::new(read, io));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    let mut draining = false;
-    let mut dog = Watchdog::new(idle, header);
-    let period = Watchdog::period(idle, header);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    // Each tick counts as a whole period, so late ticks must not come in a burst.
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A drain that began in the lane: hyper first reads the request handed over (all of it
+    // is in `read`), so its graceful shutdown finishes that request instead of cancelling it.
+    let mut drain_now = draining;
     loop {
         tokio::select! {
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 return;
+            }
+            _ = std::future::ready(()), if drain_now => {
+                drain_now = false;
+                conn.as_mut().graceful_shutdown();
             }
             _ = crate::server::stopped(&mut shutdown), if !draining => {
                 draining = true;
