@@ -27,11 +27,10 @@ use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderName};
+use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::forward::X_REQUEST_ID;
 use super::server::Limits;
 use super::watch::Activity;
 use super::{ConnInfo, Early, Proxy, Refusal};
@@ -139,14 +138,10 @@ where
                     // Decided: a client that stops reading now is the idle timeout's.
                     drop(in_flight);
                     match early {
-                        Early::Refused(mut r) => {
-                            r.headers.insert(
-                                X_REQUEST_ID.clone(),
-                                proxy.request_id(&snap, &parts.headers),
-                            );
-                            let close = r.headers.contains_key(header::CONNECTION);
-                            encode(&mut out, &r, parts.method != Method::HEAD);
-                            if close {
+                        Early::Refused(r) => {
+                            let id = proxy.request_id(&snap, &parts.headers);
+                            encode(&mut out, &r, &id, parts.method != Method::HEAD);
+                            if r.fields.close() {
                                 let _ = write_out(io, &mut out).await;
                                 let _ = io.shutdown().await;
                                 return End::Closed;
@@ -300,18 +295,13 @@ impl Spans {
 
 /// A refusal as HTTP/1.1 bytes, the fields in hyper's order: the map's, `content-length`,
 /// `date`.
-fn encode(out: &mut Vec<u8>, r: &Refusal, body: bool) {
+fn encode(out: &mut Vec<u8>, r: &Refusal, request_id: &HeaderValue, body: bool) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(r.status.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(r.status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &r.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    r.fields.write(out, request_id);
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(r.body.len()).as_bytes());
     out.extend_from_slice(b"\r\ndate: ");
@@ -483,20 +473,15 @@ mod tests {
 
     #[test]
     fn a_refusal_is_written_as_hyper_writes_it() {
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(X_REQUEST_ID.clone(), HeaderValue::from_static("id1"));
+        use super::super::refusal::{Fields, Shape};
         let r = Refusal {
             status: http::StatusCode::UNAUTHORIZED,
-            headers,
+            fields: Fields::new(Shape::Plain, [], false),
             body: Bytes::from_static(b"{\"e\":1}"),
         };
         let text = |body| {
             let mut out = Vec::new();
-            encode(&mut out, &r, body);
+            encode(&mut out, &r, &HeaderValue::from_static("id1"), body);
             let s = String::from_utf8(out).unwrap();
             let (before, after) = s.split_once("date: ").unwrap();
             let (date, rest) = after.split_once("\r\n").unwrap();
@@ -505,7 +490,7 @@ mod tests {
             format!("{before}{rest}")
         };
         let head = "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
-                    x-request-id: id1\r\ncontent-length: 7\r\n\r\n";
+                    cache-control: no-store\r\nx-request-id: id1\r\ncontent-length: 7\r\n\r\n";
         assert_eq!(text(true), format!("{head}{{\"e\":1}}"));
         assert_eq!(text(false), head, "HEAD: the length, no body");
     }

@@ -77,7 +77,7 @@ struct Upstream {
 /// A refusal's answer, before it becomes hyper's response or the lane's bytes.
 struct Refusal {
     status: http::StatusCode,
-    headers: http::HeaderMap,
+    fields: refusal::Fields,
     body: Bytes,
 }
 
@@ -85,7 +85,7 @@ impl Refusal {
     fn into_response(self) -> Response<ProxyBody> {
         let mut resp = Response::new(Either::Right(Full::new(self.body)));
         *resp.status_mut() = self.status;
-        *resp.headers_mut() = self.headers;
+        *resp.headers_mut() = self.fields.map();
         resp
     }
 }
@@ -583,7 +583,7 @@ impl Proxy {
     fn refusal(&self, snap: &Snapshot, d: Denial, key: Option<&KeyView>, close: bool) -> Refusal {
         Refusal {
             status: d.status(),
-            headers: denial_headers(snap, d, key, close),
+            fields: denial_fields(snap, d, key, close),
             body: snap.errors.body(d),
         }
     }
@@ -626,15 +626,15 @@ impl Proxy {
 /// A denial's headers, from its shape's template ([`refusal`]). A refusal is either keyed
 /// (the gate knew the key) or carries `Retry-After` or `Allow`, never two of these, except
 /// the over-limit one, which has a shape of its own.
-fn denial_headers(
+fn denial_fields(
     snap: &Snapshot,
     d: Denial,
     key: Option<&KeyView>,
     close: bool,
-) -> http::HeaderMap {
-    use refusal::Shape;
-    let mut h = match (d, key) {
-        (Denial::RateLimited(i), Some(k)) => refusal::headers(
+) -> refusal::Fields {
+    use refusal::{Fields, Shape};
+    match (d, key) {
+        (Denial::RateLimited(i), Some(k)) => Fields::new(
             Shape::Limited,
             [
                 values::int(i.retry_after_secs),
@@ -645,6 +645,7 @@ fn denial_headers(
                 values::int(i.remaining.into()),
                 values::int(i.reset_secs),
             ],
+            close,
         ),
         (
             Denial::RateLimited(RateInfo {
@@ -652,17 +653,13 @@ fn denial_headers(
             })
             | Denial::TooManyFailedAuth { retry_after_secs },
             _,
-        ) => refusal::headers(Shape::Retry, [values::int(retry_after_secs)]),
+        ) => Fields::new(Shape::Retry, [values::int(retry_after_secs)], close),
         (Denial::MethodNotAllowed { group }, _) => {
-            refusal::headers(Shape::Allow, [snap.routes.allow(group).clone()])
+            Fields::new(Shape::Allow, [snap.routes.allow(group).clone()], close)
         }
-        (_, Some(k)) => refusal::headers(Shape::Keyed, [k.policy_header.clone()]),
-        (_, None) => refusal::headers(Shape::Plain, []),
-    };
-    if close {
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        (_, Some(k)) => Fields::new(Shape::Keyed, [k.policy_header.clone()], close),
+        (_, None) => Fields::new(Shape::Plain, [], close),
     }
-    h
 }
 
 /// The client's address for per-address budgets: the peer, or — behind a trusted proxy — the

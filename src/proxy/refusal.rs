@@ -5,7 +5,8 @@
 //! clones its template (the same two allocations `with_capacity` made) and sets the values by
 //! position. Each template ends with `x-request-id`, so the id the proxy sets last replaces
 //! the placeholder in place and the map never grows. (`Connection: close`, on the rare
-//! refusals that end the connection, is inserted.)
+//! refusals that end the connection, is inserted.) The refusal lane needs no map at all: it
+//! writes the same fields in the same order straight from the shape ([`Fields::write`]).
 
 use std::sync::LazyLock;
 
@@ -16,7 +17,7 @@ use super::{forward, JSON, RATELIMIT, RATELIMIT_POLICY};
 use super::{X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING, X_RATELIMIT_RESET};
 
 static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
-static PLACEHOLDER: HeaderValue = HeaderValue::from_static("");
+const PLACEHOLDER: HeaderValue = HeaderValue::from_static("");
 
 /// The shapes with a template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +64,7 @@ fn template(shape: Shape) -> HeaderMap {
     h.insert(header::CONTENT_TYPE, JSON.clone());
     h.insert(header::CACHE_CONTROL, NO_STORE.clone());
     for n in names {
-        h.insert((*n).clone(), PLACEHOLDER.clone());
+        h.insert((*n).clone(), PLACEHOLDER);
     }
     h
 }
@@ -78,15 +79,66 @@ const SHAPES: [Shape; 5] = [
 
 static TEMPLATES: LazyLock<[HeaderMap; 5]> = LazyLock::new(|| SHAPES.map(template));
 
-/// A refusal's map in `shape`, `values` set in the order of the shape's fields after
-/// `content-type` and `cache-control` (the last, `x-request-id`, is left to the caller).
-pub(super) fn headers<const N: usize>(shape: Shape, values: [HeaderValue; N]) -> HeaderMap {
-    debug_assert_eq!(N + 1, names(shape).len());
-    let mut h = TEMPLATES[shape as usize].clone();
-    for (slot, v) in h.values_mut().skip(2).zip(values) {
-        *slot = v;
+/// The most values a shape takes (`Limited`'s, before `x-request-id`).
+const MAX_VALUES: usize = 6;
+
+/// A refusal's fields before they are a map: hyper's service makes the map ([`Fields::map`]),
+/// the refusal lane writes them as they are ([`Fields::write`]), in the same order.
+#[derive(Debug)]
+pub(super) struct Fields {
+    shape: Shape,
+    values: [HeaderValue; MAX_VALUES],
+    close: bool,
+}
+
+impl Fields {
+    /// `values` in the order of the shape's fields after `content-type` and `cache-control`,
+    /// `x-request-id` left out; `close` adds `Connection: close`.
+    pub(super) fn new<const N: usize>(shape: Shape, values: [HeaderValue; N], close: bool) -> Self {
+        debug_assert_eq!(N + 1, names(shape).len());
+        let mut all = [const { PLACEHOLDER }; MAX_VALUES];
+        for (slot, v) in all.iter_mut().zip(values) {
+            *slot = v;
+        }
+        Fields {
+            shape,
+            values: all,
+            close,
+        }
     }
-    h
+
+    /// Whether the answer ends the connection.
+    pub(super) fn close(&self) -> bool {
+        self.close
+    }
+
+    /// The map, `x-request-id` still a placeholder for the caller to replace in place.
+    pub(super) fn map(self) -> HeaderMap {
+        let mut h = TEMPLATES[self.shape as usize].clone();
+        for (slot, v) in h.values_mut().skip(2).zip(self.values) {
+            *slot = v;
+        }
+        if self.close {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        h
+    }
+
+    /// `name: value` lines in the map's order, with `request_id`.
+    pub(super) fn write(&self, out: &mut Vec<u8>, request_id: &HeaderValue) {
+        out.extend_from_slice(b"content-type: application/json\r\ncache-control: no-store\r\n");
+        let names = names(self.shape);
+        let values = self.values[..names.len() - 1].iter().chain([request_id]);
+        for (name, value) in names.iter().zip(values) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if self.close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -105,9 +157,40 @@ mod tests {
         }
     }
 
+    /// What the lane writes is what hyper writes of the map, for every shape.
+    #[test]
+    fn written_fields_are_the_maps_in_order() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        let all = [
+            Fields::new(Shape::Plain, [], false),
+            Fields::new(Shape::Plain, [], true),
+            Fields::new(Shape::Retry, [v("7")], false),
+            Fields::new(Shape::Keyed, [v("\"p\";q=1;w=60")], true),
+            Fields::new(Shape::Allow, [v("GET, HEAD")], false),
+            Fields::new(
+                Shape::Limited,
+                [v("1"), v("pol"), v("lim"), v("10"), v("0"), v("60")],
+                false,
+            ),
+        ];
+        for f in all {
+            let id = v("id-1");
+            let mut written = Vec::new();
+            f.write(&mut written, &id);
+            let shape = f.shape;
+            let mut map = f.map();
+            map.insert(forward::X_REQUEST_ID.clone(), id);
+            let want: String = map
+                .iter()
+                .map(|(n, v)| format!("{n}: {}\r\n", v.to_str().unwrap()))
+                .collect();
+            assert_eq!(String::from_utf8(written).unwrap(), want, "{shape:?}");
+        }
+    }
+
     #[test]
     fn values_land_on_their_fields_and_the_map_does_not_grow() {
-        let mut h = headers(Shape::Retry, [HeaderValue::from_static("7")]);
+        let mut h = Fields::new(Shape::Retry, [HeaderValue::from_static("7")], false).map();
         assert_eq!(h[header::RETRY_AFTER], "7");
         assert_eq!(h[header::CONTENT_TYPE], "application/json");
         let cap = h.capacity();
