@@ -9,7 +9,8 @@
 #   valid    every request carries one of the 1,000 keys (round robin)
 #   invalid  every request carries the same unknown key, then a new random one each time
 #   limited  plans small enough that about half the requests get 429 (same limit for all three),
-#            then one team's key only (nearly all 429: the over-limit flood)
+#            then one team's key only, its plan spent before the run: every answer a 429 and
+#            nothing forwarded (the over-limit flood)
 #   cpu      a fixed offered rate; CPU microseconds per request of keygate, nginx and HAProxy
 #
 #   bash benches/e2e.sh        env: WORKERS (1), ROUNDS (2), DUR seconds (8), CONN (64),
@@ -32,11 +33,14 @@ for i in $(seq 0 999); do
   k=$(printf 'sk_live_benchkey_%022d' "$i")
   echo "\"$k\" team$i;" >> $D/nginx-keys.map; echo "$k team$i" >> $D/haproxy-keys.map
 done
-# peer_configs RATE: the per-team limit per second, or "none" for the shipped one that does
-# not bite.
+# peer_configs RATE: the per-team limit per second, "none" for the shipped one that does not
+# bite, or "spent" for one request an hour (nginx: a minute, its smallest unit).
 peer_configs() {
   local ngx=() hap=()
-  if [ "$1" != none ]; then
+  if [ "$1" = spent ]; then
+    ngx=(-e "s/rate=[0-9]*r\/m/rate=1r\/m/" -e "s/burst=[0-9]*/burst=1/")
+    hap=(-e "s/sc_http_req_rate(0) gt [0-9]*/sc_http_req_rate(0) gt 1/")
+  elif [ "$1" != none ]; then
     ngx=(-e "s/rate=[0-9]*r\/m/rate=$1r\/s/" -e "s/burst=[0-9]*/burst=$1/")
     hap=(-e "s/http_req_rate(1h)/http_req_rate(1s)/" -e "s/sc_http_req_rate(0) gt [0-9]*/sc_http_req_rate(0) gt $1/")
   fi
@@ -49,7 +53,11 @@ peer_configs() {
 # keygate_config NAME PORT ADMIN_PORT RATE OPEN
 keygate_config() {
   local lim=()
-  [ "$4" != none ] && lim=(-e "s/^limits = .*/limits = [{ requests = $4, per = \"1s\", burst = $4 }]/")
+  case $4 in
+    none) ;;
+    spent) lim=(-e 's/^limits = .*/limits = [{ requests = 1, per = "1h", burst = 1 }]/') ;;
+    *) lim=(-e "s/^limits = .*/limits = [{ requests = $4, per = \"1s\", burst = $4 }]/") ;;
+  esac
   sed -e "s/^workers = .*/workers = $WORKERS/" -e "s/127.0.0.1:18083/127.0.0.1:$2/" \
       -e "s/127.0.0.1:19090/127.0.0.1:$3/" "${lim[@]}" \
       config/bench.toml > "$W/$1.toml"
@@ -108,7 +116,7 @@ cat "$W/report.lua" benches/wrk/bench-keys.lua > "$W/valid.lua"
 cat "$W/report.lua" - > "$W/repeated.lua" <<'EOF'
 wrk.headers["x-api-key"] = "sk_live_benchkey_9999999999999999999999"
 EOF
-# One team's key only: with the limited plan nearly every request is a 429.
+# One team's key only: with its plan spent, every request is a 429.
 cat "$W/report.lua" - > "$W/overlimit.lua" <<'EOF'
 wrk.headers["x-api-key"] = "sk_live_benchkey_0000000000000000000000"
 EOF
@@ -193,7 +201,18 @@ for s in $SCENARIOS; do
       echo "limited: $rate requests per team per second (burst $rate)"
       start_all "$rate"
       for _ in $(seq "$ROUNDS"); do
-        for sys in nginx haproxy keygate; do bench limited $sys valid; bench over-limit $sys overlimit; done
+        for sys in nginx haproxy keygate; do bench limited $sys valid; done
+      done
+      # The over-limit flood: the key's plan spent before wrk starts, so nothing is forwarded.
+      start_all spent
+      for sys in nginx haproxy keygate; do
+        url_var="URL_$sys"
+        for _ in 1 2 3; do
+          curl -s -o /dev/null -H "x-api-key: sk_live_benchkey_0000000000000000000000" "${!url_var}"
+        done
+      done
+      for _ in $(seq "$ROUNDS"); do
+        for sys in nginx haproxy keygate; do bench over-limit $sys overlimit; done
       done
       start_all none ;;
     cpu)
