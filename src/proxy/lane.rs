@@ -495,6 +495,36 @@ mod tests {
         assert_eq!(text(false), head, "HEAD: the length, no body");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes: no panic, and a head the lane keeps gives parts whose every field came
+        /// from the head (nothing invented, nothing lost).
+        #[test]
+        fn any_bytes_parse_without_panic(
+            line in "(GET|HEAD|POST|CONNECT|PRI|G\\x00T) (/[a-z?=&%]{0,12}|\\*|http://k/) HTTP/1\\.[01]\r\n",
+            fields in proptest::collection::vec("[a-zA-Z-]{1,12}: [ -~]{0,16}\r\n", 0..6),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8),
+            cut in 0usize..200,
+        ) {
+            let mut raw = line.into_bytes();
+            for f in &fields {
+                raw.extend_from_slice(f.as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            raw.extend_from_slice(&tail);
+            raw.truncate(cut.max(1));
+            let mut spans = Spans::default();
+            if let Parsed::Head(len) = parse(&raw, 100, &mut spans) {
+                let head = Bytes::copy_from_slice(&raw[..len]);
+                if let Some(parts) = spans.parts(&head) {
+                    proptest::prop_assert_eq!(parts.headers.len(), spans.fields.len());
+                    proptest::prop_assert!(parts.uri.path().starts_with('/'));
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn rewind_reads_what_was_taken_first() {
         let (mut a, b) = tokio::io::duplex(64);

@@ -3,6 +3,8 @@
 //! For each request: take the current snapshot, run [`Gate::check`] (synchronous on a cache
 //! hit), load a missed key on the blocking pool, then either answer with the denial's JSON or
 //! forward over the pooled client and stream the answer back. Nothing here decides access.
+//! Plain HTTP/1.1 connections meet the same first steps ([`Proxy::early`]) in the refusal lane
+//! ([`lane`]) before hyper serves them.
 
 pub mod body;
 pub mod forward;
