@@ -276,36 +276,6 @@ async fn a_body_behind_refusals_reaches_the_upstream_whole() {
     assert_eq!(seen["crc32"], crc.finalize());
 }
 
-/// A client that was only ever refused stays in the lane; idle there, it is closed after the
-/// idle timeout and counted as an idle close.
-#[tokio::test]
-async fn a_connection_idle_in_the_lane_is_closed_after_the_idle_timeout() {
-    let up = Upstream::start().await;
-    let mut cfg = Cfg::new(up.addr);
-    cfg.proxy.push(r#"idle_timeout = "300ms""#.into());
-    let kg = Keygate::start(&cfg.render()).await;
-    let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
-    s.write_all(get("/api/x", None).as_bytes()).await.unwrap();
-    let started = std::time::Instant::now();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("an idle connection should be closed")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
-    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
-    assert!(
-        started.elapsed() >= Duration::from_millis(300),
-        "closed early"
-    );
-    let m = kg.metrics().await;
-    assert_eq!(
-        metric(&m, r#"keygate_connection_timeouts_total{timeout="idle"}"#),
-        Some(1.0),
-        "{m}"
-    );
-}
-
 /// A drain closes a connection waiting in the lane at once, and one whose head is half read
 /// once the head is answered.
 #[tokio::test]

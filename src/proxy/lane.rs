@@ -354,6 +354,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
             let n = self.read.len().min(buf.remaining());
             buf.put_slice(&self.read[..n]);
             self.read.advance(n);
+            if self.read.is_empty() {
+                // An emptied slice still holds the lane's whole read buffer.
+                self.read = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
