@@ -7,11 +7,12 @@
 //!
 //! The first request it does not refuse goes to hyper, with every byte after it: the connection
 //! is handed over with what was read and the check already made (a key the cache missed is
-//! loaded first, as hyper's service would), so a grant takes its token once. Left to hyper unchecked: anything but a bodiless HTTP/1.1 request in origin form whose
-//! `Connection` says at most `keep-alive` (so bodies, upgrades, `Expect`, HTTP/1.0, `CONNECT`,
-//! HTTP/2's preface), and heads that httparse cannot read or that break a limit (hyper answers
-//! those as before). A client that is only ever refused stays in the lane; a well-behaved one
-//! leaves it on its first request.
+//! loaded first, as hyper's service would), so a grant takes its token once. Left to hyper
+//! unchecked: anything but a bodiless HTTP/1.1 request in origin form whose `Connection` says at
+//! most `keep-alive` (so bodies, upgrades, `Expect`, HTTP/1.0, `CONNECT`, HTTP/2's preface), and
+//! heads that httparse cannot read or that break a limit (hyper answers those as before). A
+//! client that is only ever refused stays in the lane; a well-behaved one leaves it on its first
+//! request.
 //!
 //! The connection's watchdog ([`super::watch`]) keeps its timeouts here too: the lane reads and
 //! writes through the counting IO, and a request is in flight while it is decided.
