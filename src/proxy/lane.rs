@@ -530,6 +530,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+
+        /// Raw bytes, any: no panic, whatever the lane makes of them.
+        #[test]
+        fn any_raw_bytes_parse_without_panic(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            max_fields in 1usize..4,
+        ) {
+            let mut spans = Spans::default();
+            if let Parsed::Head(len) = parse(&raw, max_fields, &mut spans) {
+                proptest::prop_assert!(len <= raw.len());
+                let _ = spans.parts(&Bytes::copy_from_slice(&raw[..len]));
+            }
+        }
+    }
+
     #[tokio::test]
     async fn rewind_reads_what_was_taken_first() {
         let (mut a, b) = tokio::io::duplex(64);
