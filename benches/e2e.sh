@@ -93,7 +93,6 @@ start_all() {
   for c in keygate open serial; do
     setsid ./target/release/keygate run --config "$W/$c.toml" >> "$W/$c.log" 2>&1 & pids+=($!)
   done
-  kg_pid=${pids[0]}
   for port in 19090 19091 19092; do
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break; sleep 0.1; done
   done
@@ -179,18 +178,6 @@ bench() {
     '/^WRKCPU/ {printf "cpu_us=%.2f cpu_pct=%.0f wrk_pct=%.0f", t / hz * 1e6 / (r * d), t / hz / d * 100, ($2 + $3) / d * 100}')
   echo "$1 $2 rps=$rps ${rep} non2xx=${non2xx:-0} $cost" | tee -a $D/results
 }
-# cpu NAME PIDS...: requests served and CPU µs per request at the paced rate.
-cpu() {
-  local name=$1; shift
-  local url_var="URL_$name" before after out reqs
-  before=$(cpu_ticks "$@")
-  out=$(wrk -t1 -c"$CONN" -d"${DUR}s" -s "$W/paced.lua" "${!url_var}" 2>&1)
-  after=$(cpu_ticks "$@")
-  reqs=$(echo "$out" | awk '/^REPORT/ {split($2,a,"="); print a[2]}')
-  awk -v n="$name" -v t=$((after - before)) -v r="$reqs" -v hz="$(getconf CLK_TCK)" \
-    'BEGIN {printf "cpu %s requests=%d cpu_s=%.2f us_per_request=%.1f\n", n, r, t/hz, t/hz*1e6/r}' | tee -a $D/results
-}
-
 echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo); kernel $(uname -r), autogroup=$(cat /proc/sys/kernel/sched_autogroup_enabled 2>/dev/null || echo none); workers=$WORKERS conn=$CONN dur=${DUR}s rounds=$ROUNDS"
 start_all none
 for s in $SCENARIOS; do
@@ -226,11 +213,7 @@ for s in $SCENARIOS; do
       done
       start_all none ;;
     cpu)
-      ngx=$(cat $D/nginx-gw.pid); ngx_workers=$(pgrep -P "$ngx" | tr '\n' ' ')
-      cpu keygate "$kg_pid"
-      cpu haproxy "$(cat $D/haproxy.pid)"
-      # shellcheck disable=SC2086
-      cpu nginx "$ngx" $ngx_workers ;;
+      for sys in keygate haproxy nginx; do bench cpu $sys paced; done ;;
   esac
 done
 
@@ -258,6 +241,6 @@ awk '{k = $2" "$3; split($4,a,"="); m[k]=a[2]; split($6,b,"="); p[k]=b[2]; split
   # the ratio holds whether the system or wrk was the bound (wrk_pct says which).
   if (u["invalid-repeated keygate"] && u["valid keygate"]) printf "CPU per request (us): keygate valid=%.2f repeated-invalid=%.2f random-invalid=%.2f; valid/refusal: repeated=%.2f random=%.2f; nginx valid/repeated=%.2f; haproxy valid/repeated=%.2f; wrk %%core in keygate valid=%d repeated=%d random=%d\n", u["valid keygate"], u["invalid-repeated keygate"], u["invalid-random keygate"], u["valid keygate"]/u["invalid-repeated keygate"], u["valid keygate"]/u["invalid-random keygate"], u["valid nginx"]/u["invalid-repeated nginx"], u["valid haproxy"]/u["invalid-repeated haproxy"], g["valid keygate"], g["invalid-repeated keygate"], g["invalid-random keygate"]
   if (u["over-limit keygate"] && u["valid keygate"]) printf "CPU per 429 (us): keygate=%.2f nginx=%.2f haproxy=%.2f; valid/429: keygate=%.2f nginx=%.2f haproxy=%.2f; wrk %%core in keygate over-limit=%d\n", u["over-limit keygate"], u["over-limit nginx"], u["over-limit haproxy"], u["valid keygate"]/u["over-limit keygate"], u["valid nginx"]/u["over-limit nginx"], u["valid haproxy"]/u["over-limit haproxy"], g["over-limit keygate"]
+  if (u["cpu keygate"]) printf "CPU per request at a fixed rate (us): keygate=%.1f haproxy=%.1f nginx=%.1f\n", u["cpu keygate"], u["cpu haproxy"], u["cpu nginx"]
   if (m["limited keygate"]) printf "limited: keygate/nginx=%.2f keygate/haproxy=%.2f keygate limited/valid=%.2f; all over the limit (429s): keygate over-limit/valid=%.2f, nginx %.2f, haproxy %.2f\n", m["limited keygate"]/m["limited nginx"], m["limited keygate"]/m["limited haproxy"], m["limited keygate"]/v, m["over-limit keygate"]/v, m["over-limit nginx"]/m["valid nginx"], m["over-limit haproxy"]/m["valid haproxy"]
 }' $D/medians
-grep '^cpu ' $D/results || true

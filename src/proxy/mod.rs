@@ -220,12 +220,7 @@ impl Proxy {
             snap.count(None, Outcome::Denied(Denial::HeadersTooLarge));
             return Early::Refused(self.refusal(snap, Denial::HeadersTooLarge, None, false));
         }
-        let head = RequestHead {
-            method: &parts.method,
-            path: parts.uri.path(),
-            headers: &parts.headers,
-            peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
-        };
+        let head = request_head(snap, parts, conn);
         self.settle(snap, self.gate.check(snap, &head, now), watch)
     }
 
@@ -248,12 +243,7 @@ impl Proxy {
         now: Now,
         digest: crate::gate::keys::Digest,
     ) -> Check {
-        let head = RequestHead {
-            method: &parts.method,
-            path: parts.uri.path(),
-            headers: &parts.headers,
-            peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
-        };
+        let head = request_head(snap, parts, conn);
         let loaded = if self.gate.loads_inline() {
             // Declared keys only: a miss is a map lookup, not worth a thread hop.
             self.gate.load(&digest)
@@ -661,6 +651,20 @@ fn denial_fields(
         }
         (_, Some(k)) => Fields::new(Shape::Keyed, [k.policy_header.clone()], close),
         (_, None) => Fields::new(Shape::Plain, [], close),
+    }
+}
+
+/// What the gate reads of a request.
+fn request_head<'a>(
+    snap: &Snapshot,
+    parts: &'a http::request::Parts,
+    conn: &ConnInfo,
+) -> RequestHead<'a> {
+    RequestHead {
+        method: &parts.method,
+        path: parts.uri.path(),
+        headers: &parts.headers,
+        peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
     }
 }
 

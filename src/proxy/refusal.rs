@@ -124,12 +124,16 @@ impl Fields {
         h
     }
 
-    /// `name: value` lines in the map's order, with `request_id`.
+    /// `name: value` lines in the map's order, with `request_id`: the template's names, and its
+    /// values for `content-type` and `cache-control`.
     pub(super) fn write(&self, out: &mut Vec<u8>, request_id: &HeaderValue) {
-        out.extend_from_slice(b"content-type: application/json\r\ncache-control: no-store\r\n");
-        let names = names(self.shape);
-        let values = self.values[..names.len() - 1].iter().chain([request_id]);
-        for (name, value) in names.iter().zip(values) {
+        let template = &TEMPLATES[self.shape as usize];
+        let values = template
+            .values()
+            .take(2)
+            .chain(&self.values[..names(self.shape).len() - 1])
+            .chain([request_id]);
+        for (name, value) in template.keys().zip(values) {
             out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(value.as_bytes());
