@@ -78,9 +78,14 @@ pub struct Bucket {
     /// usage records), so the bucket is its own registry key with no copy of the id.
     owner: &'static str,
     limiter: Direct,
-    /// Monotonic nanoseconds of the last check, for pruning.
+    /// Monotonic nanoseconds of a check at most [`STAMP_NS`] before the last one, for pruning.
     last_used: AtomicU64,
 }
+
+/// How far the last check may run ahead of `last_used`. A check writes the time only when it
+/// has moved this far: a bucket refusing a flood from two workers (a spent plan) had its line
+/// written by both on every check, where the limiter itself writes only on a grant.
+const STAMP_NS: u64 = 1_000_000_000;
 
 /// All buckets, by (quota, team or key id).
 #[derive(Debug)]
@@ -185,8 +190,9 @@ impl LimiterRegistry {
             let spec = &b.quota.spec;
             let refill = (spec.per.as_nanos() as u64 / spec.requests.max(1) as u64)
                 .saturating_mul(spec.burst as u64);
+            // The stamp may be up to STAMP_NS older than the last check.
             let idle = now.saturating_sub(b.last_used.load(Ordering::Relaxed));
-            Arc::strong_count(b) > 1 || idle <= refill
+            Arc::strong_count(b) > 1 || idle <= refill.saturating_add(STAMP_NS)
         });
         by_key.shrink_to_fit(|b| hasher.hash_one((&b.quota.spec, b.owner)));
         by_key.len()
@@ -272,7 +278,9 @@ pub fn check(
         let spec = &b.quota.spec;
         let interval = spec.per.as_secs_f64() / spec.requests as f64;
         let result = b.limiter.check();
-        b.last_used.store(now_ns, Ordering::Relaxed);
+        if now_ns.saturating_sub(b.last_used.load(Ordering::Relaxed)) >= STAMP_NS {
+            b.last_used.store(now_ns, Ordering::Relaxed);
+        }
         match result {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
@@ -405,6 +413,36 @@ mod tests {
         assert_eq!(reg.prune(), 1, "held by a cached entry: kept");
         drop(c);
         assert_eq!(reg.prune(), 0, "idle, refilled and unheld: reclaimed");
+    }
+
+    #[test]
+    fn a_bucket_is_kept_until_refilled_after_its_last_check_not_its_last_stamp() {
+        let clock = Clock::manual(0);
+        let reg = LimiterRegistry::new(clock.clone());
+        // Two requests a second, burst 2: full again 1 s after a check that emptied it.
+        let set = reg.set(&Names::default(), "s", &[spec(2, 1, 2)]);
+        let held = reg.buckets(&set, "t");
+        clock.advance(Duration::from_secs(1));
+        check(&held, &clock, ns(&clock)).unwrap();
+        check(&held, &clock, ns(&clock)).unwrap();
+        clock.advance(Duration::from_millis(600));
+        // 0.6 s after the stamp: granted (1.2 tokens), not stamped; 0.2 tokens left.
+        check(&held, &clock, ns(&clock)).unwrap();
+        drop(held);
+        clock.advance(Duration::from_millis(600));
+        assert_eq!(
+            reg.prune(),
+            1,
+            "1.2 s after the stamp but 0.6 s after the last check: not full, kept"
+        );
+        let again = reg.buckets(&set, "t");
+        assert!(
+            check(&again, &clock, ns(&clock)).is_ok() && check(&again, &clock, ns(&clock)).is_err(),
+            "the kept bucket has 1.4 tokens, not a new bucket's 2"
+        );
+        drop(again);
+        clock.advance(Duration::from_secs(3));
+        assert_eq!(reg.prune(), 0, "long idle: reclaimed");
     }
 
     #[test]
