@@ -302,6 +302,12 @@ impl Default for RequestIds {
 
 impl RequestIds {
     pub fn next(&self) -> HeaderValue {
+        super::values::render(24, |b| b.extend_from_slice(&self.next_hex()))
+            .unwrap_or(HeaderValue::from_static("0"))
+    }
+
+    /// The next id's digits (the refusal lane writes them as they are).
+    pub fn next_hex(&self) -> [u8; 24] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let v = (u128::from(self.prefix) << 64) | u128::from(n);
@@ -309,8 +315,7 @@ impl RequestIds {
         for (i, d) in hex.iter_mut().enumerate() {
             *d = HEX[((v >> (4 * (23 - i))) & 0xf) as usize];
         }
-        super::values::render(24, |b| b.extend_from_slice(&hex))
-            .unwrap_or(HeaderValue::from_static("0"))
+        hex
     }
 }
 

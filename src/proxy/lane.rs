@@ -140,8 +140,11 @@ where
                     drop(in_flight);
                     match early {
                         Early::Refused(r) => {
-                            let id = proxy.request_id(&snap, &parts.headers);
-                            encode(&mut out, &r, &id, parts.method != Method::HEAD);
+                            let body = parts.method != Method::HEAD;
+                            match super::client_request_id(&snap, &parts.headers) {
+                                Some(id) => encode(&mut out, &r, id.as_bytes(), body),
+                                None => encode(&mut out, &r, &proxy.ids.next_hex(), body),
+                            }
                             if r.fields.close() {
                                 let _ = write_out(io, &mut out).await;
                                 let _ = io.shutdown().await;
@@ -296,7 +299,7 @@ impl Spans {
 
 /// A refusal as HTTP/1.1 bytes, the fields in hyper's order: the map's, `content-length`,
 /// `date`.
-fn encode(out: &mut Vec<u8>, r: &Refusal, request_id: &HeaderValue, body: bool) {
+fn encode(out: &mut Vec<u8>, r: &Refusal, request_id: &[u8], body: bool) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(r.status.as_str().as_bytes());
     out.push(b' ');
@@ -486,7 +489,7 @@ mod tests {
         };
         let text = |body| {
             let mut out = Vec::new();
-            encode(&mut out, &r, &HeaderValue::from_static("id1"), body);
+            encode(&mut out, &r, b"id1", body);
             let s = String::from_utf8(out).unwrap();
             let (before, after) = s.split_once("date: ").unwrap();
             let (date, rest) = after.split_once("\r\n").unwrap();

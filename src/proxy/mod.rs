@@ -190,13 +190,9 @@ impl Proxy {
 
     /// The client's `x-request-id` when trusted and sane, else a new one.
     fn request_id(&self, snap: &Snapshot, headers: &http::HeaderMap) -> HeaderValue {
-        match headers.get(&X_REQUEST_ID) {
-            Some(v)
-                if snap.config.proxy.trust_forwarded && v.len() <= 128 && v.to_str().is_ok() =>
-            {
-                v.clone()
-            }
-            _ => self.ids.next(),
+        match client_request_id(snap, headers) {
+            Some(v) => v.clone(),
+            None => self.ids.next(),
         }
     }
 
@@ -624,18 +620,22 @@ fn denial_fields(
     key: Option<&KeyView>,
     close: bool,
 ) -> refusal::Fields {
+    use refusal::Value;
     use refusal::{Fields, Shape};
     match (d, key) {
         (Denial::RateLimited(i), Some(k)) => Fields::new(
             Shape::Limited,
             [
-                values::int(i.retry_after_secs),
-                k.policy_header.clone(),
-                // Made of a header value's bytes, quotes and digits: always a valid value.
-                ratelimit_value(k, &i).unwrap_or(HeaderValue::from_static("")),
-                i.limit_header.clone(),
-                values::int(i.remaining.into()),
-                values::int(i.reset_secs),
+                Value::Int(i.retry_after_secs),
+                Value::Header(k.policy_header.clone()),
+                Value::Rate {
+                    name: k.limits_name,
+                    remaining: i.remaining,
+                    secs: ratelimit_secs(&i),
+                },
+                Value::Header(i.limit_header.clone()),
+                Value::Int(i.remaining.into()),
+                Value::Int(i.reset_secs),
             ],
             close,
         ),
@@ -645,13 +645,26 @@ fn denial_fields(
             })
             | Denial::TooManyFailedAuth { retry_after_secs },
             _,
-        ) => Fields::new(Shape::Retry, [values::int(retry_after_secs)], close),
-        (Denial::MethodNotAllowed { group }, _) => {
-            Fields::new(Shape::Allow, [snap.routes.allow(group).clone()], close)
-        }
-        (_, Some(k)) => Fields::new(Shape::Keyed, [k.policy_header.clone()], close),
+        ) => Fields::new(Shape::Retry, [Value::Int(retry_after_secs)], close),
+        (Denial::MethodNotAllowed { group }, _) => Fields::new(
+            Shape::Allow,
+            [Value::Header(snap.routes.allow(group).clone())],
+            close,
+        ),
+        (_, Some(k)) => Fields::new(
+            Shape::Keyed,
+            [Value::Header(k.policy_header.clone())],
+            close,
+        ),
         (_, None) => Fields::new(Shape::Plain, [], close),
     }
+}
+
+/// The client's `x-request-id`, if it is trusted and sane.
+fn client_request_id<'h>(snap: &Snapshot, headers: &'h http::HeaderMap) -> Option<&'h HeaderValue> {
+    headers
+        .get(&X_REQUEST_ID)
+        .filter(|v| snap.config.proxy.trust_forwarded && v.len() <= 128 && v.to_str().is_ok())
 }
 
 /// What the gate reads of a request.
@@ -701,9 +714,10 @@ pub fn millis_to_rfc3339(ms: i64) -> String {
 fn rate_headers(h: &mut http::HeaderMap, k: &KeyView, info: Option<&RateInfo>) {
     h.insert(RATELIMIT_POLICY.clone(), k.policy_header.clone());
     if let Some(i) = info {
-        if let Some(v) = ratelimit_value(k, i) {
-            h.insert(RATELIMIT.clone(), v);
-        }
+        h.insert(
+            RATELIMIT.clone(),
+            refusal::ratelimit(k.limits_name, i.remaining, ratelimit_secs(i)),
+        );
         h.insert(X_RATELIMIT_LIMIT.clone(), i.limit_header.clone());
         h.insert(
             X_RATELIMIT_REMAINING.clone(),
@@ -713,24 +727,14 @@ fn rate_headers(h: &mut http::HeaderMap, k: &KeyView, info: Option<&RateInfo>) {
     }
 }
 
-/// The IETF draft's `RateLimit`: the limits' name, what remains, and the seconds until it is
-/// all there again (or until the next request may pass, when none remains).
-fn ratelimit_value(k: &KeyView, i: &RateInfo) -> Option<HeaderValue> {
-    let t = if i.remaining == 0 {
+/// The seconds the IETF draft's `RateLimit` gives: until all is there again, or until the next
+/// request may pass when none remains.
+fn ratelimit_secs(i: &RateInfo) -> u64 {
+    if i.remaining == 0 {
         i.retry_after_secs.max(i.reset_secs)
     } else {
         i.reset_secs
-    };
-    let name = k.limits_name.as_bytes();
-    values::render(name.len() + 48, |b| {
-        let mut n = itoa::Buffer::new();
-        b.extend_from_slice(b"\"");
-        b.extend_from_slice(name);
-        b.extend_from_slice(b"\";r=");
-        b.extend_from_slice(n.format(i.remaining).as_bytes());
-        b.extend_from_slice(b";t=");
-        b.extend_from_slice(n.format(t).as_bytes());
-    })
+    }
 }
 
 /// `name` or `name:port` with letters, digits, `.` and `-` only: surely a valid authority, so

@@ -6,18 +6,80 @@
 //! position. Each template ends with `x-request-id`, so the id the proxy sets last replaces
 //! the placeholder in place and the map never grows. (`Connection: close`, on the rare
 //! refusals that end the connection, is inserted.) The refusal lane needs no map at all: it
-//! writes the same fields in the same order straight from the shape ([`Fields::write`]).
+//! writes the same fields in the same order straight from the shape ([`Fields::write`]), and
+//! the numbers among them straight as digits ([`Value`]).
 
 use std::sync::LazyLock;
 
+use bytes::BufMut;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue};
 
-use super::{forward, JSON, RATELIMIT, RATELIMIT_POLICY};
+use super::{forward, values, JSON, RATELIMIT, RATELIMIT_POLICY};
 use super::{X_RATELIMIT_LIMIT, X_RATELIMIT_REMAINING, X_RATELIMIT_RESET};
 
 static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 const PLACEHOLDER: HeaderValue = HeaderValue::from_static("");
+
+/// A refusal's field value as it is decided. Numbers become header values only for hyper's
+/// map; the lane writes their digits into its answer (a value made per refusal cost a copy
+/// into the per-thread arena, a reference count and a validity scan, four times per 429).
+#[derive(Debug, Clone)]
+pub(super) enum Value {
+    Header(HeaderValue),
+    Int(u64),
+    /// The IETF draft's `RateLimit`: `"<name>";r=<remaining>;t=<seconds>`.
+    Rate {
+        name: &'static HeaderValue,
+        remaining: u32,
+        secs: u64,
+    },
+}
+
+const EMPTY: Value = Value::Header(PLACEHOLDER);
+
+impl Value {
+    fn header(self) -> HeaderValue {
+        match self {
+            Value::Header(h) => h,
+            Value::Int(n) => values::int(n),
+            // A header value's bytes, quotes and digits: always a valid value.
+            Value::Rate { name, .. } => {
+                values::render(name.len() + 48, |b| self.put(b)).unwrap_or(PLACEHOLDER)
+            }
+        }
+    }
+
+    fn put(&self, out: &mut impl BufMut) {
+        let mut n = itoa::Buffer::new();
+        match self {
+            Value::Header(h) => out.put_slice(h.as_bytes()),
+            Value::Int(i) => out.put_slice(n.format(*i).as_bytes()),
+            Value::Rate {
+                name,
+                remaining,
+                secs,
+            } => {
+                out.put_slice(b"\"");
+                out.put_slice(name.as_bytes());
+                out.put_slice(b"\";r=");
+                out.put_slice(n.format(*remaining).as_bytes());
+                out.put_slice(b";t=");
+                out.put_slice(n.format(*secs).as_bytes());
+            }
+        }
+    }
+}
+
+/// `RateLimit` as a header value (for grants, which go through hyper).
+pub(super) fn ratelimit(name: &'static HeaderValue, remaining: u32, secs: u64) -> HeaderValue {
+    Value::Rate {
+        name,
+        remaining,
+        secs,
+    }
+    .header()
+}
 
 /// The shapes with a template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,16 +149,16 @@ const MAX_VALUES: usize = 6;
 #[derive(Debug)]
 pub(super) struct Fields {
     shape: Shape,
-    values: [HeaderValue; MAX_VALUES],
+    values: [Value; MAX_VALUES],
     close: bool,
 }
 
 impl Fields {
     /// `values` in the order of the shape's fields after `content-type` and `cache-control`,
     /// `x-request-id` left out; `close` adds `Connection: close`.
-    pub(super) fn new<const N: usize>(shape: Shape, values: [HeaderValue; N], close: bool) -> Self {
+    pub(super) fn new<const N: usize>(shape: Shape, values: [Value; N], close: bool) -> Self {
         debug_assert_eq!(N + 1, names(shape).len());
-        let mut all = [const { PLACEHOLDER }; MAX_VALUES];
+        let mut all = [EMPTY; MAX_VALUES];
         for (slot, v) in all.iter_mut().zip(values) {
             *slot = v;
         }
@@ -116,7 +178,7 @@ impl Fields {
     pub(super) fn map(self) -> HeaderMap {
         let mut h = TEMPLATES[self.shape as usize].clone();
         for (slot, v) in h.values_mut().skip(2).zip(self.values) {
-            *slot = v;
+            *slot = v.header();
         }
         if self.close {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -126,19 +188,22 @@ impl Fields {
 
     /// `name: value` lines in the map's order, with `request_id`: the template's names, and its
     /// values for `content-type` and `cache-control`.
-    pub(super) fn write(&self, out: &mut Vec<u8>, request_id: &HeaderValue) {
+    pub(super) fn write(&self, out: &mut Vec<u8>, request_id: &[u8]) {
         let template = &TEMPLATES[self.shape as usize];
-        let values = template
-            .values()
-            .take(2)
-            .chain(&self.values[..names(self.shape).len() - 1])
-            .chain([request_id]);
-        for (name, value) in template.keys().zip(values) {
-            out.extend_from_slice(name.as_str().as_bytes());
+        let mut names = template.keys();
+        let line = |out: &mut Vec<u8>, name: Option<&HeaderName>, value: &dyn Fn(&mut Vec<u8>)| {
+            out.extend_from_slice(name.map_or("", HeaderName::as_str).as_bytes());
             out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
+            value(out);
             out.extend_from_slice(b"\r\n");
+        };
+        for v in template.values().take(2) {
+            line(out, names.next(), &|o| o.extend_from_slice(v.as_bytes()));
         }
+        for v in &self.values[..self::names(self.shape).len() - 1] {
+            line(out, names.next(), &|o| v.put(o));
+        }
+        line(out, names.next(), &|o| o.extend_from_slice(request_id));
         if self.close {
             out.extend_from_slice(b"connection: close\r\n");
         }
@@ -164,26 +229,40 @@ mod tests {
     /// What the lane writes is what hyper writes of the map, for every shape.
     #[test]
     fn written_fields_are_the_maps_in_order() {
-        let v = |s: &'static str| HeaderValue::from_static(s);
+        let v = |s: &'static str| Value::Header(HeaderValue::from_static(s));
+        static NAME: HeaderValue = HeaderValue::from_static("pro");
         let all = [
             Fields::new(Shape::Plain, [], false),
             Fields::new(Shape::Plain, [], true),
-            Fields::new(Shape::Retry, [v("7")], false),
+            Fields::new(Shape::Retry, [Value::Int(7)], false),
             Fields::new(Shape::Keyed, [v("\"p\";q=1;w=60")], true),
             Fields::new(Shape::Allow, [v("GET, HEAD")], false),
             Fields::new(
                 Shape::Limited,
-                [v("1"), v("pol"), v("lim"), v("10"), v("0"), v("60")],
+                [
+                    Value::Int(u64::MAX),
+                    v("pol"),
+                    Value::Rate {
+                        name: &NAME,
+                        remaining: 0,
+                        secs: 3600,
+                    },
+                    v("10"),
+                    Value::Int(0),
+                    Value::Int(60),
+                ],
                 false,
             ),
         ];
         for f in all {
-            let id = v("id-1");
             let mut written = Vec::new();
-            f.write(&mut written, &id);
+            f.write(&mut written, b"id-1");
             let shape = f.shape;
             let mut map = f.map();
-            map.insert(forward::X_REQUEST_ID.clone(), id);
+            map.insert(
+                forward::X_REQUEST_ID.clone(),
+                HeaderValue::from_static("id-1"),
+            );
             let want: String = map
                 .iter()
                 .map(|(n, v)| format!("{n}: {}\r\n", v.to_str().unwrap()))
@@ -193,8 +272,27 @@ mod tests {
     }
 
     #[test]
+    fn values_are_written_as_their_header_values_are() {
+        static NAME: HeaderValue = HeaderValue::from_static("free");
+        for v in [
+            Value::Int(0),
+            Value::Int(1234567890),
+            Value::Rate {
+                name: &NAME,
+                remaining: 99,
+                secs: 36,
+            },
+        ] {
+            let mut written = Vec::new();
+            v.put(&mut written);
+            assert_eq!(v.header().as_bytes(), &written[..]);
+        }
+        assert_eq!(ratelimit(&NAME, 99, 36), "\"free\";r=99;t=36");
+    }
+
+    #[test]
     fn values_land_on_their_fields_and_the_map_does_not_grow() {
-        let mut h = Fields::new(Shape::Retry, [HeaderValue::from_static("7")], false).map();
+        let mut h = Fields::new(Shape::Retry, [Value::Int(7)], false).map();
         assert_eq!(h[header::RETRY_AFTER], "7");
         assert_eq!(h[header::CONTENT_TYPE], "application/json");
         let cap = h.capacity();
