@@ -268,11 +268,9 @@ impl LimitSet {
 /// With several limits a refusal by a later one does not give back the token an earlier one
 /// took: governor has no rollback, and a client over one limit is close to the others.
 #[inline]
-pub fn check(
-    buckets: &[Arc<Bucket>],
-    clock: &Clock,
-    now_ns: u64,
-) -> Result<Option<RateInfo>, RateInfo> {
+/// `now_ns` (monotonic, read when the request arrived) also dates a refusal's wait: a little
+/// before governor's own read, so the wait is, if anything, rounded up a second early.
+pub fn check(buckets: &[Arc<Bucket>], now_ns: u64) -> Result<Option<RateInfo>, RateInfo> {
     let mut tightest: Option<RateInfo> = None;
     for b in buckets {
         let spec = &b.quota.spec;
@@ -297,7 +295,7 @@ pub fn check(
                 }
             }
             Err(not_until) => {
-                let wait = not_until.wait_time_from(governor::clock::Clock::now(clock));
+                let wait = not_until.wait_time_from(Nanos::from(now_ns));
                 let retry = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 return Err(RateInfo {
                     limit: spec.requests,
@@ -335,22 +333,19 @@ mod tests {
         let set = reg.set(&Names::default(), "free", &[spec(100, 3600, 100)]);
         let team = reg.buckets(&set, "t");
         for i in 0..100 {
-            let info = check(&team, &clock, ns(&clock)).unwrap().unwrap();
+            let info = check(&team, ns(&clock)).unwrap().unwrap();
             assert_eq!(info.remaining, 99 - i);
             assert_eq!(info.limit, 100);
         }
-        let denied = check(&team, &clock, ns(&clock)).unwrap_err();
+        let denied = check(&team, ns(&clock)).unwrap_err();
         assert_eq!(denied.retry_after_secs, 36);
         clock.advance(Duration::from_secs(35));
-        assert!(check(&team, &clock, ns(&clock)).is_err());
+        assert!(check(&team, ns(&clock)).is_err());
         clock.advance(Duration::from_secs(1));
-        assert_eq!(
-            check(&team, &clock, ns(&clock)).unwrap().unwrap().remaining,
-            0
-        );
-        assert!(check(&team, &clock, ns(&clock)).is_err());
+        assert_eq!(check(&team, ns(&clock)).unwrap().unwrap().remaining, 0);
+        assert!(check(&team, ns(&clock)).is_err());
         // Another team has its own bucket.
-        assert!(check(&reg.buckets(&set, "u"), &clock, ns(&clock)).is_ok());
+        assert!(check(&reg.buckets(&set, "u"), ns(&clock)).is_ok());
     }
 
     #[test]
@@ -359,13 +354,11 @@ mod tests {
         let reg = LimiterRegistry::new(clock.clone());
         let set = reg.set(&Names::default(), "basic", &[spec(100, 60, 20)]);
         let k = reg.buckets(&set, "k");
-        let passed = (0..50)
-            .filter(|_| check(&k, &clock, ns(&clock)).is_ok())
-            .count();
+        let passed = (0..50).filter(|_| check(&k, ns(&clock)).is_ok()).count();
         assert_eq!(passed, 20);
         clock.advance(Duration::from_millis(600));
-        assert!(check(&k, &clock, ns(&clock)).is_ok(), "one token per 0.6 s");
-        assert!(check(&k, &clock, ns(&clock)).is_err());
+        assert!(check(&k, ns(&clock)).is_ok(), "one token per 0.6 s");
+        assert!(check(&k, ns(&clock)).is_err());
     }
 
     #[test]
@@ -378,9 +371,9 @@ mod tests {
             &[spec(1000, 3600, 1000), spec(10, 60, 2)],
         );
         let k = reg.buckets(&set, "k");
-        assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 1);
-        assert_eq!(check(&k, &clock, ns(&clock)).unwrap().unwrap().remaining, 0);
-        let denied = check(&k, &clock, ns(&clock)).unwrap_err();
+        assert_eq!(check(&k, ns(&clock)).unwrap().unwrap().remaining, 1);
+        assert_eq!(check(&k, ns(&clock)).unwrap().unwrap().remaining, 0);
+        let denied = check(&k, ns(&clock)).unwrap_err();
         assert_eq!(denied.limit, 10);
         assert_eq!(denied.retry_after_secs, 6);
     }
@@ -392,10 +385,10 @@ mod tests {
         let a = reg.buckets(&reg.set(&Names::default(), "pro", &[spec(2, 3600, 2)]), "t");
         // A reload builds a new set with the same quota: same bucket.
         let b = reg.buckets(&reg.set(&Names::default(), "pro", &[spec(2, 3600, 2)]), "t");
-        check(&a, &clock, ns(&clock)).unwrap();
-        check(&b, &clock, ns(&clock)).unwrap();
+        check(&a, ns(&clock)).unwrap();
+        check(&b, ns(&clock)).unwrap();
         assert!(
-            check(&a, &clock, ns(&clock)).is_err(),
+            check(&a, ns(&clock)).is_err(),
             "a reload's new set sees the old bucket"
         );
         drop((a, b));
@@ -406,7 +399,7 @@ mod tests {
         );
         let c = reg.buckets(&reg.set(&Names::default(), "pro", &[spec(2, 3600, 2)]), "t");
         assert!(
-            check(&c, &clock, ns(&clock)).is_err(),
+            check(&c, ns(&clock)).is_err(),
             "evicted entries do not reset the bucket"
         );
         clock.advance(Duration::from_secs(7200));
@@ -423,11 +416,11 @@ mod tests {
         let set = reg.set(&Names::default(), "s", &[spec(2, 1, 2)]);
         let held = reg.buckets(&set, "t");
         clock.advance(Duration::from_secs(1));
-        check(&held, &clock, ns(&clock)).unwrap();
-        check(&held, &clock, ns(&clock)).unwrap();
+        check(&held, ns(&clock)).unwrap();
+        check(&held, ns(&clock)).unwrap();
         clock.advance(Duration::from_millis(600));
         // 0.6 s after the stamp: granted (1.2 tokens), not stamped; 0.2 tokens left.
-        check(&held, &clock, ns(&clock)).unwrap();
+        check(&held, ns(&clock)).unwrap();
         drop(held);
         clock.advance(Duration::from_millis(600));
         assert_eq!(
@@ -437,7 +430,7 @@ mod tests {
         );
         let again = reg.buckets(&set, "t");
         assert!(
-            check(&again, &clock, ns(&clock)).is_ok() && check(&again, &clock, ns(&clock)).is_err(),
+            check(&again, ns(&clock)).is_ok() && check(&again, ns(&clock)).is_err(),
             "the kept bucket has 1.4 tokens, not a new bucket's 2"
         );
         drop(again);
@@ -467,19 +460,17 @@ mod tests {
         let buckets = reg.buckets(&set, "k");
         let now = ns(&clock);
         // The per-second limit is the tighter one after the first request.
-        let info = check(&buckets, &clock, now).unwrap().unwrap();
+        let info = check(&buckets, now).unwrap().unwrap();
         assert_eq!(info.limit, 7);
         assert_eq!(*info.limit_header, "7");
         for _ in 0..6 {
-            check(&buckets, &clock, now).unwrap();
+            check(&buckets, now).unwrap();
         }
-        let refused = check(&buckets, &clock, now).unwrap_err();
+        let refused = check(&buckets, now).unwrap_err();
         assert_eq!(refused.limit, 7);
         assert_eq!(*refused.limit_header, "7");
         let set = reg.set(&Names::default(), "one", &[spec(100, 60, 100)]);
-        let info = check(&reg.buckets(&set, "k"), &clock, now)
-            .unwrap()
-            .unwrap();
+        let info = check(&reg.buckets(&set, "k"), now).unwrap().unwrap();
         assert_eq!(*info.limit_header, "100");
     }
 }

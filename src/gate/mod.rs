@@ -466,7 +466,7 @@ impl Gate {
         }
         // 6. limits
         let rate = if route.rate_limited {
-            match limits::check(entry.buckets(), &self.clock, now.mono_ns) {
+            match limits::check(entry.buckets(), now.mono_ns) {
                 Ok(info) => info,
                 Err(info) => return refuse(Denial::RateLimited(info)),
             }
