@@ -267,9 +267,10 @@ impl LimitSet {
 ///
 /// With several limits a refusal by a later one does not give back the token an earlier one
 /// took: governor has no rollback, and a client over one limit is close to the others.
-#[inline]
+///
 /// `now_ns` (monotonic, read when the request arrived) also dates a refusal's wait: a little
 /// before governor's own read, so the wait is, if anything, rounded up a second early.
+#[inline]
 pub fn check(buckets: &[Arc<Bucket>], now_ns: u64) -> Result<Option<RateInfo>, RateInfo> {
     let mut tightest: Option<RateInfo> = None;
     for b in buckets {
