@@ -119,12 +119,12 @@ where
                 Parsed::Partial if buf.len() <= limits.max_header_bytes => break,
                 // Over the budget, unreadable, or not ours: hyper answers it.
                 Parsed::Partial | Parsed::Leave => {
-                    return hand_over(io, &out, None, buf.freeze(), None).await;
+                    return hand_over(io, &mut out, None, buf.freeze(), None).await;
                 }
                 Parsed::Head(len) => {
                     let head = buf.split_to(len).freeze();
                     let Some(parts) = spans.parts(&head) else {
-                        return hand_over(io, &out, Some(head), buf.freeze(), None).await;
+                        return hand_over(io, &mut out, Some(head), buf.freeze(), None).await;
                     };
                     let in_flight = activity.begin(false);
                     let snap = proxy.gate.snapshot();
@@ -152,7 +152,8 @@ where
                             }
                         }
                         Early::Checked(c) => {
-                            return hand_over(io, &out, Some(head), buf.freeze(), Some(c)).await;
+                            return hand_over(io, &mut out, Some(head), buf.freeze(), Some(c))
+                                .await;
                         }
                     }
                     if out.len() >= WRITE_HIGH && write_out(io, &mut out).await.is_err() {
@@ -181,13 +182,13 @@ where
 /// Writes what is queued, then hands the connection over with `head` and `rest` to read.
 async fn hand_over<I: AsyncWrite + Unpin>(
     io: &mut I,
-    out: &[u8],
+    out: &mut Vec<u8>,
     head: Option<Bytes>,
     rest: Bytes,
     checked: Option<Check>,
 ) -> End {
     // Answers already made go first: hyper's come after them.
-    if !out.is_empty() && io.write_all(out).await.is_err() {
+    if write_out(io, out).await.is_err() {
         return End::Closed;
     }
     let read = match head {

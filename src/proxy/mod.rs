@@ -620,8 +620,7 @@ fn denial_fields(
     key: Option<&KeyView>,
     close: bool,
 ) -> refusal::Fields {
-    use refusal::Value;
-    use refusal::{Fields, Shape};
+    use refusal::{Fields, Shape, Value};
     match (d, key) {
         (Denial::RateLimited(i), Some(k)) => Fields::new(
             Shape::Limited,

@@ -190,20 +190,17 @@ impl Fields {
     /// values for `content-type` and `cache-control`.
     pub(super) fn write(&self, out: &mut Vec<u8>, request_id: &[u8]) {
         let template = &TEMPLATES[self.shape as usize];
-        let mut names = template.keys();
-        let line = |out: &mut Vec<u8>, name: Option<&HeaderName>, value: &dyn Fn(&mut Vec<u8>)| {
-            out.extend_from_slice(name.map_or("", HeaderName::as_str).as_bytes());
+        let last = template.len() - 1;
+        for (i, (name, fixed)) in template.iter().enumerate() {
+            out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(b": ");
-            value(out);
+            match i {
+                0 | 1 => out.extend_from_slice(fixed.as_bytes()),
+                i if i == last => out.extend_from_slice(request_id),
+                i => self.values[i - 2].put(out),
+            }
             out.extend_from_slice(b"\r\n");
-        };
-        for v in template.values().take(2) {
-            line(out, names.next(), &|o| o.extend_from_slice(v.as_bytes()));
         }
-        for v in &self.values[..self::names(self.shape).len() - 1] {
-            line(out, names.next(), &|o| v.put(o));
-        }
-        line(out, names.next(), &|o| o.extend_from_slice(request_id));
         if self.close {
             out.extend_from_slice(b"connection: close\r\n");
         }

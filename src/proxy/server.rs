@@ -306,11 +306,7 @@ async fn connection<I>(
                         gate.metrics().idle_closes.inc();
                         return;
                     }
-                    Verdict::SlowHead => {
-                        tracing::debug!(%peer, "request head not complete within the header timeout");
-                        gate.metrics().header_timeouts.inc();
-                        return;
-                    }
+                    Verdict::SlowHead => return slow_head(&gate, peer),
                 },
             }
         }
@@ -361,12 +357,14 @@ async fn connection<I>(
                         conn.as_mut().graceful_shutdown();
                     }
                 }
-                Verdict::SlowHead => {
-                    tracing::debug!(%peer, "request head not complete within the header timeout");
-                    gate.metrics().header_timeouts.inc();
-                    return;
-                }
+                Verdict::SlowHead => return slow_head(&gate, peer),
             },
         }
     }
+}
+
+/// A connection closed because its request head did not arrive in time.
+fn slow_head(gate: &crate::gate::Gate, peer: std::net::SocketAddr) {
+    tracing::debug!(%peer, "request head not complete within the header timeout");
+    gate.metrics().header_timeouts.inc();
 }
