@@ -17,7 +17,7 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderValue, Method};
 use keygate::clock::Clock;
 use keygate::config::Config;
-use keygate::gate::{Check, Gate, RequestHead};
+use keygate::gate::{Check, Fields, Gate, RequestHead};
 use keygate::metrics::Metrics;
 use keygate::store::NoStore;
 use sha2::{Digest, Sha256};
@@ -97,7 +97,7 @@ fn head(h: &HeaderMap) -> RequestHead<'_> {
     RequestHead {
         method: &GET,
         path: "/api/x",
-        headers: h,
+        fields: Fields::Map(h),
         peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
     }
 }

@@ -173,6 +173,105 @@ async fn the_lanes_refusals_are_hypers_field_for_field() {
     assert_eq!(a, b, "requests counted, lane then hyper");
 }
 
+/// The lane reads a head's fields where they lie (no header map): names in any case, a name
+/// given twice, both credential sources, the trusted `X-Forwarded-For` and `X-Request-Id`.
+/// Each answer must be hyper's.
+#[tokio::test]
+async fn the_lane_reads_fields_as_hyper_does() {
+    let up = Upstream::start().await;
+    let config = |lane: bool| {
+        let mut c = Cfg::new(up.addr);
+        c.sources = r#"["x-api-key", "bearer"]"#.into();
+        c.extra = "[limits]\nfailed_auth_per_minute = 1\n".into();
+        c.proxy.push("trust_forwarded = true".into());
+        if !lane {
+            c.proxy.push("refusal_lane = false".into());
+        }
+        c.render()
+    };
+    let with = Keygate::start(&config(true)).await;
+    let without = Keygate::start(&config(false)).await;
+    let head = |fields: &str| format!("GET /write/x HTTP/1.1\r\nHOST: kg\r\n{fields}\r\n");
+    let unknown = |from: &str| {
+        format!(
+            "GET /api/x HTTP/1.1\r\nHost: kg\r\nX-Forwarded-For: 192.0.2.9, 203.0.113.5\r\n\
+             x-forwarded-for: {from}\r\nx-api-key: kg_nope_0000000000000009\r\n\r\n"
+        )
+    };
+    let long_id = "i".repeat(129);
+    // In order: the failed-authentication budget is spent by address.
+    let cases: Vec<(&str, String, u16)> = vec![
+        // 403, not 401: the key was found whatever its name's case.
+        (
+            "upper-case name",
+            head(&format!("X-API-KEY: {ALPHA_KEY}\r\n")),
+            403,
+        ),
+        (
+            "bearer",
+            head(&format!("Authorization: Bearer {ALPHA_KEY}\r\n")),
+            403,
+        ),
+        (
+            "both sources agree",
+            head(&format!(
+                "x-api-key: {ALPHA_KEY}\r\nauthorization: bearer {ALPHA_KEY}\r\n"
+            )),
+            403,
+        ),
+        (
+            "another scheme",
+            head("Authorization: Basic dXNlcjpw\r\n"),
+            401,
+        ),
+        (
+            "a key twice",
+            head(&format!(
+                "x-api-key: {ALPHA_KEY}\r\nX-Api-Key: {ALPHA_KEY}\r\n"
+            )),
+            401,
+        ),
+        (
+            "two hosts",
+            format!(
+                "GET /api/x HTTP/1.1\r\nHost: kg\r\nhost: kg\r\nx-api-key: {ALPHA_KEY}\r\n\r\n"
+            ),
+            400,
+        ),
+        (
+            "no host",
+            "GET /api/x HTTP/1.1\r\nx-api-key: k\r\n\r\n".into(),
+            400,
+        ),
+        // The address is the last entry of the last field; one failure spends its budget.
+        ("unknown key", unknown("198.51.100.1"), 401),
+        ("over the budget", unknown("198.51.100.1"), 401),
+        ("address blocked", unknown("198.51.100.1"), 429),
+        ("another address", unknown("198.51.100.2"), 401),
+    ];
+    for (what, req, status) in &cases {
+        let a = answer(with.proxy, req, false).await;
+        let b = answer(without.proxy, req, false).await;
+        assert!(
+            a.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{what}: lane answered\n{a}"
+        );
+        assert_eq!(comparable(&a), comparable(&b), "{what}: lane, then hyper");
+    }
+    // A trusted request id comes back as sent; one too long is replaced.
+    for (id, echoed) in [("req-7f3a", true), (long_id.as_str(), false)] {
+        let req = head(&format!("X-Request-ID: {id}\r\n"));
+        for a in [
+            answer(with.proxy, &req, false).await,
+            answer(without.proxy, &req, false).await,
+        ] {
+            assert!(a.starts_with("HTTP/1.1 401 "), "{a}");
+            let line = format!("\r\nx-request-id: {id}\r\n");
+            assert_eq!(a.contains(&line), echoed, "{id:.12}…: {a}");
+        }
+    }
+}
+
 /// A client that asks `Connection: close` is left to hyper (the lane keeps connections alive
 /// only): it gets its refusal and a closed connection, and a request pipelined behind is not
 /// answered, as with the lane off. (Answering it in the lane, tried, was no faster on a

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue, Method};
 use keygate::clock::Clock;
 use keygate::config::Config;
-use keygate::gate::{keys, Check, Gate, RequestHead};
+use keygate::gate::{keys, Check, Fields, Gate, RequestHead};
 use keygate::metrics::Metrics;
 use keygate::store::{KeyStore, StoreError, StoredKey, StoredTeam};
 
@@ -144,7 +144,7 @@ path = "/*"
         let head = RequestHead {
             method: &Method::GET,
             path: "/x",
-            headers: h,
+            fields: Fields::Map(h),
             peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
         };
         let snap = gate.snapshot();

@@ -12,8 +12,9 @@
 //! Keys imported as digests may have any printable format and are checked by digest alone.
 
 use http::header::{AUTHORIZATION, CONNECTION};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::HeaderName;
 
+use super::Fields;
 use crate::config::{CredentialSource, CredentialsConfig};
 
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -90,23 +91,23 @@ impl CredentialRules {
     }
 
     /// Finds and checks the key in `headers`.
-    pub fn find<'a>(&'a self, headers: &'a HeaderMap) -> Found<'a> {
+    pub fn find<'a>(&'a self, fields: Fields<'a>) -> Found<'a> {
         let mut found: Option<&'a [u8]> = None;
         for source in &self.sources {
             let name = match source {
                 CredentialSource::ApiKeyHeader => &X_API_KEY,
                 CredentialSource::Bearer => &AUTHORIZATION,
             };
-            let mut values = headers.get_all(name).iter();
+            let mut values = fields.get_all(name);
             let Some(first) = values.next() else { continue };
             if values.next().is_some() {
                 return Found::Invalid;
             }
-            if named_in_connection(headers, name) {
+            if named_in_connection(fields, name) {
                 continue;
             }
             let value = match source {
-                CredentialSource::ApiKeyHeader => first.as_bytes(),
+                CredentialSource::ApiKeyHeader => first,
                 CredentialSource::Bearer => match bearer_token(first) {
                     Some(t) => t,
                     // Another scheme (Basic, …) is the upstream's business, not a key of ours.
@@ -146,8 +147,7 @@ impl CredentialRules {
     }
 }
 
-fn bearer_token(v: &HeaderValue) -> Option<&[u8]> {
-    let b = v.as_bytes();
+fn bearer_token(b: &[u8]) -> Option<&[u8]> {
     if b.len() < 7 || !b[..6].eq_ignore_ascii_case(b"bearer") || b[6] != b' ' {
         return None;
     }
@@ -156,9 +156,9 @@ fn bearer_token(v: &HeaderValue) -> Option<&[u8]> {
     Some(&token[start..])
 }
 
-fn named_in_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes().split(|&b| b == b',').any(|t| {
+fn named_in_connection(fields: Fields<'_>, name: &HeaderName) -> bool {
+    fields.get_all(&CONNECTION).any(|v| {
+        v.split(|&b| b == b',').any(|t| {
             t.trim_ascii()
                 .eq_ignore_ascii_case(name.as_str().as_bytes())
         })
@@ -209,6 +209,8 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    use http::{HeaderMap, HeaderValue};
+
     fn rules(sources: &[CredentialSource]) -> CredentialRules {
         CredentialRules::new(
             &CredentialsConfig {
@@ -244,23 +246,32 @@ mod tests {
     fn api_key_header() {
         let r = rules(&[CredentialSource::ApiKeyHeader]);
         assert_eq!(
-            key(r.find(&headers(&[("x-api-key", "abc123")]))),
+            key(r.find(Fields::Map(&headers(&[("x-api-key", "abc123")])))),
             Some(b"abc123".to_vec())
         );
-        assert_eq!(r.find(&headers(&[])), Found::Missing);
-        assert_eq!(r.find(&headers(&[("x-api-key", "")])), Found::Missing);
+        assert_eq!(r.find(Fields::Map(&headers(&[]))), Found::Missing);
         assert_eq!(
-            r.find(&headers(&[("x-api-key", "a"), ("x-api-key", "a")])),
+            r.find(Fields::Map(&headers(&[("x-api-key", "")]))),
+            Found::Missing
+        );
+        assert_eq!(
+            r.find(Fields::Map(&headers(&[
+                ("x-api-key", "a"),
+                ("x-api-key", "a")
+            ]))),
             Found::Invalid
         );
-        assert_eq!(r.find(&headers(&[("x-api-key", "a b")])), Found::Invalid);
         assert_eq!(
-            r.find(&headers(&[("x-api-key", &"k".repeat(65))])),
+            r.find(Fields::Map(&headers(&[("x-api-key", "a b")]))),
+            Found::Invalid
+        );
+        assert_eq!(
+            r.find(Fields::Map(&headers(&[("x-api-key", &"k".repeat(65))]))),
             Found::Invalid
         );
         // Bearer is not a source here.
         assert_eq!(
-            r.find(&headers(&[("authorization", "Bearer abc")])),
+            r.find(Fields::Map(&headers(&[("authorization", "Bearer abc")]))),
             Found::Missing
         );
     }
@@ -270,38 +281,41 @@ mod tests {
         let r = rules(&[CredentialSource::ApiKeyHeader]);
         let mut h = HeaderMap::new();
         h.insert(&X_API_KEY, HeaderValue::from_bytes(b"abc\xc3\xa9").unwrap());
-        assert_eq!(r.find(&h), Found::Invalid);
+        assert_eq!(r.find(Fields::Map(&h)), Found::Invalid);
         h.insert(&X_API_KEY, HeaderValue::from_bytes(b"abc\tdef").unwrap());
-        assert_eq!(r.find(&h), Found::Invalid);
+        assert_eq!(r.find(Fields::Map(&h)), Found::Invalid);
     }
 
     #[test]
     fn bearer_and_disagreement() {
         let r = rules(&[CredentialSource::ApiKeyHeader, CredentialSource::Bearer]);
         assert_eq!(
-            key(r.find(&headers(&[("authorization", "Bearer tok")]))),
+            key(r.find(Fields::Map(&headers(&[("authorization", "Bearer tok")])))),
             Some(b"tok".to_vec())
         );
         assert_eq!(
-            key(r.find(&headers(&[("authorization", "bearer  tok")]))),
+            key(r.find(Fields::Map(&headers(&[("authorization", "bearer  tok")])))),
             Some(b"tok".to_vec())
         );
         assert_eq!(
-            r.find(&headers(&[("authorization", "Basic dXNlcjpw")])),
+            r.find(Fields::Map(&headers(&[(
+                "authorization",
+                "Basic dXNlcjpw"
+            )]))),
             Found::Missing
         );
         assert_eq!(
-            key(r.find(&headers(&[
+            key(r.find(Fields::Map(&headers(&[
                 ("authorization", "Bearer same"),
                 ("x-api-key", "same")
-            ]))),
+            ])))),
             Some(b"same".to_vec())
         );
         assert_eq!(
-            r.find(&headers(&[
+            r.find(Fields::Map(&headers(&[
                 ("authorization", "Bearer one"),
                 ("x-api-key", "two")
-            ])),
+            ]))),
             Found::Invalid
         );
     }
@@ -310,10 +324,10 @@ mod tests {
     fn a_key_named_in_connection_is_not_a_key() {
         let r = rules(&[CredentialSource::ApiKeyHeader]);
         assert_eq!(
-            r.find(&headers(&[
+            r.find(Fields::Map(&headers(&[
                 ("x-api-key", "abc"),
                 ("connection", "keep-alive, X-Api-Key")
-            ])),
+            ]))),
             Found::Missing
         );
     }
@@ -323,7 +337,7 @@ mod tests {
         let r = rules(&[CredentialSource::ApiKeyHeader]);
         let k = issue("sk_live_");
         assert_eq!(k.len(), 8 + 28);
-        match r.find(&headers(&[("x-api-key", &k)])) {
+        match r.find(Fields::Map(&headers(&[("x-api-key", &k)]))) {
             Found::Key(p) => assert_eq!(p.environment, Some("live")),
             other => panic!("{other:?}"),
         }
@@ -331,17 +345,17 @@ mod tests {
         let mut bad = k.into_bytes();
         bad[10] = if bad[10] == b'a' { b'b' } else { b'a' };
         assert_eq!(
-            r.find(&headers(&[(
+            r.find(Fields::Map(&headers(&[(
                 "x-api-key",
                 std::str::from_utf8(&bad).unwrap()
-            )])),
+            )]))),
             Found::Invalid
         );
         // Imported keys in another shape with the same prefix are checked by digest alone.
-        match r.find(&headers(&[(
+        match r.find(Fields::Map(&headers(&[(
             "x-api-key",
             "sk_live_benchkey_0000000000000000000000",
-        )])) {
+        )]))) {
             Found::Key(p) => assert_eq!(p.environment, None),
             other => panic!("{other:?}"),
         }

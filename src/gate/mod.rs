@@ -20,6 +20,7 @@
 
 pub mod credential;
 pub mod denial;
+pub mod fields;
 pub mod heartbeat;
 pub mod keys;
 pub mod limits;
@@ -38,9 +39,10 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, Method};
+use http::Method;
 
 pub use denial::{Denial, ErrorBodies, RateInfo};
+pub use fields::Fields;
 pub use keys::{Digest, KeyEntry, KeyView, TeamEntry};
 
 use crate::clock::{Clock, Now, UnixMillis};
@@ -58,7 +60,7 @@ use route::{Matched, Miss, RouteTable};
 pub struct RequestHead<'a> {
     pub method: &'a Method,
     pub path: &'a str,
-    pub headers: &'a HeaderMap,
+    pub fields: Fields<'a>,
     pub peer: IpAddr,
 }
 
@@ -392,7 +394,7 @@ impl Gate {
                 entry: None,
             });
         }
-        let presented = match snap.credentials.find(head.headers) {
+        let presented = match snap.credentials.find(head.fields) {
             Found::Key(p) => p,
             Found::Missing => return Check::denied(Denial::MissingKey, None, Some(matched.index)),
             Found::Invalid => return self.failed_auth(head.peer, matched.index),
@@ -413,7 +415,7 @@ impl Gate {
                 }
                 // A blocked address is refused whatever the negative cache says: asked first,
                 // it saves a flood from that address one cache lookup per request.
-                if let Some(d) = self.admit_uncached(head.peer) {
+                if let Some(d) = self.admit_uncached(head.peer, now.mono_ns) {
                     return Check::denied(d, None, Some(matched.index));
                 }
                 if self.cache.known_unknown(&d) {
@@ -503,10 +505,9 @@ impl Gate {
     /// lookup. Keys already cached are never refused here.
     #[cold]
     #[inline(never)]
-    fn admit_uncached(&self, peer: IpAddr) -> Option<Denial> {
+    fn admit_uncached(&self, peer: IpAddr, now: u64) -> Option<Denial> {
         let f = self.failed_auth.as_ref()?;
         let until = f.blocked.get(&peer)?;
-        let now = self.clock.monotonic().as_nanos() as u64;
         if until <= now {
             f.blocked.invalidate(&peer);
             return None;

@@ -104,7 +104,7 @@ impl Fixture {
         let head = RequestHead {
             method: &method,
             path,
-            headers: &h,
+            fields: Fields::Map(&h),
             peer,
         };
         let snap = self.gate.snapshot();

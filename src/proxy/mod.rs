@@ -28,6 +28,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::clock::{Now, Stopwatch};
+use crate::gate::fields::{self, Fields};
 use crate::gate::keys::LoadError;
 use crate::gate::{Check, Denial, Gate, Grant, KeyView, Outcome, RateInfo, RequestHead, Snapshot};
 use body::{BodyFate, GuardedBody};
@@ -190,9 +191,9 @@ impl Proxy {
 
     /// The client's `x-request-id` when trusted and sane, else a new one.
     fn request_id(&self, snap: &Snapshot, headers: &http::HeaderMap) -> HeaderValue {
-        match client_request_id(snap, headers) {
-            Some(v) => v.clone(),
-            None => self.ids.next(),
+        match headers.get(&X_REQUEST_ID) {
+            Some(v) if trusted_request_id(snap, v.as_bytes()) => v.clone(),
+            _ => self.ids.next(),
         }
     }
 
@@ -202,22 +203,22 @@ impl Proxy {
     fn early(
         &self,
         snap: &Snapshot,
-        parts: &http::request::Parts,
+        head: &Head<'_>,
         conn: &ConnInfo,
         watch: &Stopwatch,
         now: Now,
     ) -> Early {
-        if let Some(d) = framing_denial(parts) {
+        if let Some(d) = framing_denial(head) {
             snap.count(None, Outcome::Denied(d));
             return Early::Refused(self.refusal(snap, d, None, true));
         }
         // HTTP/1's parser counts fields itself; HTTP/2's only bounds their bytes.
-        if parts.headers.len() > snap.config.proxy.max_headers {
+        if head.fields.len() > snap.config.proxy.max_headers {
             snap.count(None, Outcome::Denied(Denial::HeadersTooLarge));
             return Early::Refused(self.refusal(snap, Denial::HeadersTooLarge, None, false));
         }
-        let head = request_head(snap, parts, conn);
-        self.settle(snap, self.gate.check(snap, &head, now), watch)
+        let gate_head = head.for_gate(snap, conn);
+        self.settle(snap, self.gate.check(snap, &gate_head, now), watch)
     }
 
     /// A check's refusal made final ([`Proxy::refused`]); any other check goes on.
@@ -234,12 +235,12 @@ impl Proxy {
     async fn lookup(
         &self,
         snap: &Snapshot,
-        parts: &http::request::Parts,
+        head: &Head<'_>,
         conn: &ConnInfo,
         now: Now,
         digest: crate::gate::keys::Digest,
     ) -> Check {
-        let head = request_head(snap, parts, conn);
+        let head = head.for_gate(snap, conn);
         let loaded = if self.gate.loads_inline() {
             // Declared keys only: a miss is a map lookup, not worth a thread hop.
             self.gate.load(&digest)
@@ -282,13 +283,15 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let mut check = match checked {
             Some(c) => c,
-            None => match self.early(snap, &parts, conn, &watch, now) {
+            None => match self.early(snap, &Head::of(&parts), conn, &watch, now) {
                 Early::Refused(r) => return r.into_response(),
                 Early::Checked(c) => c,
             },
         };
         if let Check::Lookup(digest) = check {
-            check = self.lookup(snap, &parts, conn, now, digest).await;
+            check = self
+                .lookup(snap, &Head::of(&parts), conn, now, digest)
+                .await;
         }
         let grant = match check {
             Check::Granted(g) => g,
@@ -660,40 +663,57 @@ fn denial_fields(
 }
 
 /// The client's `x-request-id`, if it is trusted and sane.
-fn client_request_id<'h>(snap: &Snapshot, headers: &'h http::HeaderMap) -> Option<&'h HeaderValue> {
-    headers
+fn client_request_id<'h>(snap: &Snapshot, fields: Fields<'h>) -> Option<&'h [u8]> {
+    if !snap.config.proxy.trust_forwarded {
+        return None;
+    }
+    fields
         .get(&X_REQUEST_ID)
-        .filter(|v| snap.config.proxy.trust_forwarded && v.len() <= 128 && v.to_str().is_ok())
+        .filter(|v| trusted_request_id(snap, v))
 }
 
-/// What the gate reads of a request.
-fn request_head<'a>(
-    snap: &Snapshot,
-    parts: &'a http::request::Parts,
-    conn: &ConnInfo,
-) -> RequestHead<'a> {
-    RequestHead {
-        method: &parts.method,
-        path: parts.uri.path(),
-        headers: &parts.headers,
-        peer: client_addr(&parts.headers, conn, snap.config.proxy.trust_forwarded),
+fn trusted_request_id(snap: &Snapshot, v: &[u8]) -> bool {
+    snap.config.proxy.trust_forwarded && v.len() <= 128 && fields::visible(v).is_some()
+}
+
+/// What [`Proxy::early`] reads of a request: hyper's parts, or the refusal lane's raw head.
+pub(crate) struct Head<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub version: http::Version,
+    pub fields: Fields<'a>,
+}
+
+impl<'a> Head<'a> {
+    fn of(parts: &'a http::request::Parts) -> Head<'a> {
+        Head {
+            method: &parts.method,
+            uri: &parts.uri,
+            version: parts.version,
+            fields: Fields::Map(&parts.headers),
+        }
+    }
+
+    /// What the gate reads of it.
+    fn for_gate(&self, snap: &Snapshot, conn: &ConnInfo) -> RequestHead<'a> {
+        RequestHead {
+            method: self.method,
+            path: self.uri.path(),
+            fields: self.fields,
+            peer: client_addr(self.fields, conn, snap.config.proxy.trust_forwarded),
+        }
     }
 }
 
 /// The client's address for per-address budgets: the peer, or — behind a trusted proxy — the
 /// address that proxy appended last to `X-Forwarded-For` (entries to its left are the client's
 /// own claims and are not trusted).
-fn client_addr(
-    headers: &http::HeaderMap,
-    conn: &ConnInfo,
-    trust_forwarded: bool,
-) -> std::net::IpAddr {
+fn client_addr(fields: Fields<'_>, conn: &ConnInfo, trust_forwarded: bool) -> std::net::IpAddr {
     if trust_forwarded {
-        let last = headers
+        let last = fields
             .get_all(&forward::X_FORWARDED_FOR)
-            .iter()
             .next_back()
-            .and_then(|v| v.to_str().ok())
+            .and_then(fields::visible)
             .and_then(|v| v.rsplit(',').next())
             .and_then(|ip| ip.trim().parse().ok());
         if let Some(ip) = last {
@@ -753,49 +773,43 @@ fn plain_host(b: &[u8]) -> bool {
 /// Requests whose framing or target cannot be forwarded safely: HTTP/1.1 without exactly one
 /// valid `Host`, a `Host` with userinfo, or both `Content-Length` and `Transfer-Encoding`
 /// (request smuggling), or several `Content-Length`s. The connection is closed after the 400.
-fn framing_denial(parts: &http::request::Parts) -> Option<Denial> {
-    let h = &parts.headers;
-    if parts.version == http::Version::HTTP_11 || parts.version == http::Version::HTTP_10 {
-        let mut hosts = h.get_all(header::HOST).iter();
+fn framing_denial(head: &Head<'_>) -> Option<Denial> {
+    let h = head.fields;
+    if head.version == http::Version::HTTP_11 || head.version == http::Version::HTTP_10 {
+        let mut hosts = h.get_all(&header::HOST);
         match (hosts.next(), hosts.next()) {
-            (Some(host), None) => {
-                let b = host.as_bytes();
-                if b.is_empty() && parts.version == http::Version::HTTP_11 || b.contains(&b'@') {
+            (Some(b), None) => {
+                if b.is_empty() && head.version == http::Version::HTTP_11 || b.contains(&b'@') {
                     return Some(Denial::BadRequest);
                 }
                 if !b.is_empty()
                     && !plain_host(b)
-                    && host
-                        .to_str()
-                        .ok()
+                    && fields::visible(b)
                         .and_then(|s| s.parse::<http::uri::Authority>().ok())
                         .is_none()
                 {
                     return Some(Denial::BadRequest);
                 }
             }
-            (None, _) if parts.version == http::Version::HTTP_11 => {
-                return Some(Denial::BadRequest)
-            }
+            (None, _) if head.version == http::Version::HTTP_11 => return Some(Denial::BadRequest),
             (Some(_), Some(_)) => return Some(Denial::BadRequest),
             _ => {}
         }
     }
-    let mut lens = h.get_all(header::CONTENT_LENGTH).iter();
+    let mut lens = h.get_all(&header::CONTENT_LENGTH);
     let first_len = lens.next();
-    if lens.next().is_some() || (first_len.is_some() && h.contains_key(header::TRANSFER_ENCODING)) {
+    if lens.next().is_some() || (first_len.is_some() && h.contains(&header::TRANSFER_ENCODING)) {
         return Some(Denial::BadRequest);
     }
     // keygate streams bodies as they come and can apply no coding but chunked: anything else
     // (`gzip, chunked`) would be silently dropped on the way upstream.
-    if h.get_all(header::TRANSFER_ENCODING).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
+    if h.get_all(&header::TRANSFER_ENCODING).any(|v| {
+        v.split(|&b| b == b',')
             .any(|t| !t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
     }) {
         return Some(Denial::BadRequest);
     }
-    if parts
+    if head
         .uri
         .authority()
         .is_some_and(|a| a.as_str().contains('@'))
@@ -841,11 +855,11 @@ mod tests {
             p
         };
         for ok in ["example.com:8080", "[::1]:80", "h.example"] {
-            assert_eq!(framing_denial(&parts(ok)), None, "{ok}");
+            assert_eq!(framing_denial(&Head::of(&parts(ok))), None, "{ok}");
         }
         for bad in ["a b", "a/b", "u@h", "a:b:c:d"] {
             assert_eq!(
-                framing_denial(&parts(bad)),
+                framing_denial(&Head::of(&parts(bad))),
                 Some(Denial::BadRequest),
                 "{bad}"
             );
