@@ -19,6 +19,7 @@ use arbitrary::Arbitrary;
 use http::header::{AUTHORIZATION, CONNECTION};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use keygate::config::{CredentialSource, CredentialsConfig};
+use keygate::gate::Fields;
 use keygate::gate::credential::{
     checksum, CredentialRules, Found, ISSUED_CHECKSUM_LEN, ISSUED_RANDOM_LEN, X_API_KEY,
 };
@@ -150,7 +151,25 @@ fuzz_target!(|input: Input| {
         headers.append(name, value);
     }
 
-    let found = rules.find(&headers);
+    let found = rules.find(Fields::Map(&headers));
+
+    // The refusal lane's view of the same fields, names in mixed case, reads alike.
+    let mut head = Vec::new();
+    let mut spans = Vec::new();
+    for (i, (name, value)) in headers.iter().enumerate() {
+        let n0 = head.len();
+        head.extend(name.as_str().bytes().map(|b| if i % 2 == 1 { b.to_ascii_uppercase() } else { b }));
+        let v0 = head.len() + 2;
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        spans.push((n0..v0 - 2, v0..head.len()));
+        head.extend_from_slice(b"\r\n");
+    }
+    let raw = rules.find(Fields::Raw {
+        head: &head,
+        spans: &spans,
+    });
+    assert_eq!(raw, found, "the raw fields read otherwise than the map");
 
     let has_source_header = sources.iter().any(|s| match s {
         CredentialSource::ApiKeyHeader => headers.contains_key(&X_API_KEY),

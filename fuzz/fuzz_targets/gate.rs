@@ -35,7 +35,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use keygate::clock::Clock;
 use keygate::config::Config;
 use keygate::gate::credential::{checksum, ISSUED_RANDOM_LEN, X_API_KEY};
-use keygate::gate::{Check, Denial, Gate, Outcome, RequestHead};
+use keygate::gate::{Check, Denial, Fields, Gate, Outcome, RequestHead};
 use keygate::metrics::Metrics;
 use keygate::store::NoStore;
 use libfuzzer_sys::fuzz_target;
@@ -232,7 +232,7 @@ fn request(gate: &Gate, clock: &Clock, r: &Request) {
     let head = RequestHead {
         method: &method,
         path: &path,
-        headers: &headers,
+        fields: Fields::Map(&headers),
         peer: peer(&r.peer),
     };
     let snap = gate.snapshot();
@@ -293,8 +293,8 @@ fn request(gate: &Gate, clock: &Clock, r: &Request) {
                 "a grant carries a key exactly when the route is not public"
             );
             if let Some(key) = &grant.key {
-                assert_eq!(key.key_id(), "demo-key", "granted to an unknown key");
-                assert_eq!(&*key.team.id, "demo");
+                assert_eq!(key.usage.key_id(), "demo-key", "granted to an unknown key");
+                assert_eq!(key.team_header, "demo");
                 let sent: Vec<&[u8]> = headers
                     .get_all(&X_API_KEY)
                     .iter()
