@@ -3,7 +3,9 @@
 //! Answering a flood of bad keys, keygate spent more of its own time in hyper's server (parse,
 //! dispatch, header maps, encode) than in the decision. The lane reads request heads itself,
 //! with httparse as hyper does, puts each through [`Proxy::early`] (the framing, field-count and
-//! gate checks hyper's service makes first) and writes refusals straight from their parts.
+//! gate checks hyper's service makes first) and writes refusals straight from their parts. The
+//! checks read the head's fields where they lie ([`Fields::Raw`]): a refused request costs no
+//! header map and no allocation.
 //!
 //! The first request it does not refuse goes to hyper, with every byte after it: the connection
 //! is handed over with what was read and the check already made (a key the cache missed is
