@@ -90,7 +90,7 @@ impl CredentialRules {
         &self.headers
     }
 
-    /// Finds and checks the key in `headers`.
+    /// Finds and checks the key in a request's fields.
     pub fn find<'a>(&'a self, fields: Fields<'a>) -> Found<'a> {
         let mut found: Option<&'a [u8]> = None;
         for source in &self.sources {

@@ -192,7 +192,9 @@ impl Proxy {
     /// The client's `x-request-id` when trusted and sane, else a new one.
     fn request_id(&self, snap: &Snapshot, headers: &http::HeaderMap) -> HeaderValue {
         match headers.get(&X_REQUEST_ID) {
-            Some(v) if trusted_request_id(snap, v.as_bytes()) => v.clone(),
+            Some(v) if snap.config.proxy.trust_forwarded && sane_request_id(v.as_bytes()) => {
+                v.clone()
+            }
             _ => self.ids.next(),
         }
     }
@@ -667,13 +669,12 @@ fn client_request_id<'h>(snap: &Snapshot, fields: Fields<'h>) -> Option<&'h [u8]
     if !snap.config.proxy.trust_forwarded {
         return None;
     }
-    fields
-        .get(&X_REQUEST_ID)
-        .filter(|v| trusted_request_id(snap, v))
+    fields.get(&X_REQUEST_ID).filter(|v| sane_request_id(v))
 }
 
-fn trusted_request_id(snap: &Snapshot, v: &[u8]) -> bool {
-    snap.config.proxy.trust_forwarded && v.len() <= 128 && fields::visible(v).is_some()
+/// Short and visible ASCII: safe to send back and to log.
+fn sane_request_id(v: &[u8]) -> bool {
+    v.len() <= 128 && fields::visible(v).is_some()
 }
 
 /// What [`Proxy::early`] reads of a request: hyper's parts, or the refusal lane's raw head.
