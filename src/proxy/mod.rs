@@ -283,17 +283,16 @@ impl Proxy {
         let watch = Stopwatch::start();
         let now = self.gate.clock().now_at(&watch);
         let (parts, body) = req.into_parts();
+        let head = Head::of(&parts);
         let mut check = match checked {
             Some(c) => c,
-            None => match self.early(snap, &Head::of(&parts), conn, &watch, now) {
+            None => match self.early(snap, &head, conn, &watch, now) {
                 Early::Refused(r) => return r.into_response(),
                 Early::Checked(c) => c,
             },
         };
         if let Check::Lookup(digest) = check {
-            check = self
-                .lookup(snap, &Head::of(&parts), conn, now, digest)
-                .await;
+            check = self.lookup(snap, &head, conn, now, digest).await;
         }
         let grant = match check {
             Check::Granted(g) => g,
