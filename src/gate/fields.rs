@@ -78,9 +78,9 @@ impl<'a> Iterator for Values<'a, '_> {
     fn next(&mut self) -> Option<&'a [u8]> {
         match self {
             Values::Map(it) => it.next().map(HeaderValue::as_bytes),
-            Values::Raw { head, spans, name } => {
-                spans.find(named(head, name)).map(|(_, v)| &head[v.clone()])
-            }
+            Values::Raw { head, spans, name } => spans
+                .find(|(n, _)| head[n.clone()].eq_ignore_ascii_case(name))
+                .map(|(_, v)| &head[v.clone()]),
         }
     }
 }
@@ -90,15 +90,10 @@ impl<'a> DoubleEndedIterator for Values<'a, '_> {
         match self {
             Values::Map(it) => it.next_back().map(HeaderValue::as_bytes),
             Values::Raw { head, spans, name } => spans
-                .rfind(named(head, name))
+                .rfind(|(n, _)| head[n.clone()].eq_ignore_ascii_case(name))
                 .map(|(_, v)| &head[v.clone()]),
         }
     }
-}
-
-/// Whether a span's name is `name` (lower case), whatever its case in `head`.
-fn named<'s>(head: &'s [u8], name: &'s [u8]) -> impl FnMut(&&Span) -> bool + 's {
-    move |(n, _)| head[n.clone()].eq_ignore_ascii_case(name)
 }
 
 /// `v` as text, if every byte is visible ASCII or a tab (what `HeaderValue::to_str` accepts).
