@@ -336,6 +336,77 @@ async fn rate_limit_headers_on_authenticated_answers() {
     assert!(r.header("x-ratelimit-remaining").is_none());
 }
 
+/// `limits.headers` picks the families keygate sends. Each of its fields replaces the
+/// upstream's of that name; the families it does not send are the upstream's and pass through.
+/// A 429 keeps `Retry-After` whatever the setting, from the refusal lane and from hyper's path.
+#[tokio::test]
+async fn limits_headers_choose_the_rate_fields() {
+    let up = Upstream::start().await;
+    let ours = [
+        ("ratelimit-policy", "\"tiny\";q=1;w=3600"),
+        ("ratelimit", "\"tiny\";r=0;t=3600"),
+        ("x-ratelimit-limit", "1"),
+        ("x-ratelimit-remaining", "0"),
+        ("x-ratelimit-reset", "3600"),
+    ];
+    let mut answers = 0;
+    for (mode, draft, x) in [
+        ("all", true, true),
+        ("draft", true, false),
+        ("x-ratelimit", false, true),
+        ("none", false, false),
+    ] {
+        let sent = |name: &str| if name.starts_with("x-") { x } else { draft };
+        for lane in [true, false] {
+            let mut cfg = Cfg::new(up.addr);
+            cfg.tiny_limit = 1;
+            cfg.proxy.push(format!("refusal_lane = {lane}"));
+            cfg.extra = format!("[limits]\nheaders = \"{mode}\"\n");
+            let kg = Keygate::start(&cfg.render()).await;
+            let ctx = format!("headers = {mode:?}, refusal lane {lane}");
+
+            let r = kg.get("/api/own-limits", Some(TINY_KEY)).await;
+            answers += 1;
+            assert_eq!(r.status, 200, "{ctx}");
+            for ((name, mine), (_, theirs)) in ours.iter().zip(UPSTREAM_RATE_FIELDS) {
+                let want = if sent(name) { *mine } else { theirs };
+                assert_eq!(r.header(name), Some(want), "{ctx}: {name}");
+            }
+
+            let r = kg.get("/api/own-limits", Some(TINY_KEY)).await;
+            r.assert_error(429, r#"{"error":"Too Many Requests: rate limit exceeded"}"#);
+            assert_eq!(r.header("retry-after"), Some("3600"), "{ctx}");
+            let mut want = vec!["content-type", "cache-control", "retry-after"];
+            want.extend(ours.iter().map(|(n, _)| *n).filter(|n| sent(n)));
+            want.push("x-request-id");
+            assert_eq!(r.names(), want, "{ctx}");
+            for (name, value) in ours.iter().filter(|(n, _)| sent(n)) {
+                assert_eq!(r.header(name), Some(*value), "{ctx}: {name}");
+            }
+
+            // A keyed refusal before the limits: the policy is a draft field.
+            let r = kg.get("/teams/alpha/x", Some(TINY_KEY)).await;
+            assert_eq!(r.status, 403, "{ctx}");
+            let want: &[&str] = if draft {
+                &[
+                    "content-type",
+                    "cache-control",
+                    "ratelimit-policy",
+                    "x-request-id",
+                ]
+            } else {
+                &["content-type", "cache-control", "x-request-id"]
+            };
+            assert_eq!(r.names(), want, "{ctx}");
+        }
+    }
+    assert_eq!(
+        up.hits(),
+        answers,
+        "only the first request of each reaches the upstream"
+    );
+}
+
 #[tokio::test]
 async fn public_routes_need_no_key() {
     let up = Upstream::start().await;

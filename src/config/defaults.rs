@@ -121,6 +121,9 @@ pub(super) fn default_heartbeat_window() -> Duration {
 pub(super) fn default_limit_key() -> Spanned<String> {
     Spanned::new(0..0, "team".to_owned())
 }
+pub(super) fn default_rate_headers() -> Spanned<String> {
+    Spanned::new(0..0, "all".to_owned())
+}
 pub(super) fn default_failed_auth_per_minute() -> u32 {
     DEFAULT_FAILED_AUTH_PER_MINUTE
 }

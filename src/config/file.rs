@@ -232,6 +232,8 @@ impl Default for Heartbeat {
 pub(super) struct Limits {
     #[serde(default = "default_limit_key")]
     pub(super) key_by: Spanned<String>,
+    #[serde(default = "default_rate_headers")]
+    pub(super) headers: Spanned<String>,
     #[serde(default = "default_failed_auth_per_minute")]
     pub(super) failed_auth_per_minute: u32,
 }
@@ -240,6 +242,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             key_by: default_limit_key(),
+            headers: default_rate_headers(),
             failed_auth_per_minute: DEFAULT_FAILED_AUTH_PER_MINUTE,
         }
     }

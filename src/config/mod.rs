@@ -146,9 +146,39 @@ pub enum LimitKey {
     Key,
 }
 
+/// Which rate-limit fields keygate adds to authenticated answers (`limits.headers`). A 429
+/// always carries `Retry-After` whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateHeaders {
+    /// The IETF draft's `RateLimit-Policy` and `RateLimit`, and `X-RateLimit-*`.
+    All,
+    /// `RateLimit-Policy` and `RateLimit` only.
+    Draft,
+    /// `X-RateLimit-Limit`, `-Remaining` and `-Reset` only.
+    XRateLimit,
+    /// None: an upstream's own rate-limit fields pass through untouched.
+    None,
+}
+
+impl RateHeaders {
+    /// Whether `RateLimit-Policy` and `RateLimit` are sent.
+    #[inline]
+    pub fn draft(self) -> bool {
+        matches!(self, RateHeaders::All | RateHeaders::Draft)
+    }
+
+    /// Whether `X-RateLimit-*` are sent.
+    #[inline]
+    pub fn x_ratelimit(self) -> bool {
+        matches!(self, RateHeaders::All | RateHeaders::XRateLimit)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {
     pub key_by: LimitKey,
+    /// The rate-limit fields sent on authenticated answers.
+    pub headers: RateHeaders,
     /// Failed authentications allowed per client address per minute (0: no limit).
     pub failed_auth_per_minute: u32,
 }
@@ -450,8 +480,25 @@ impl Validator<'_> {
                 LimitKey::Team
             }
         };
+        let headers = match f.limits.headers.get_ref().as_str() {
+            "all" => RateHeaders::All,
+            "draft" => RateHeaders::Draft,
+            "x-ratelimit" => RateHeaders::XRateLimit,
+            "none" => RateHeaders::None,
+            other => {
+                self.err(
+                    "limits.headers",
+                    Some(&f.limits.headers),
+                    format_args!(
+                        "{other:?} is not one of \"all\", \"draft\", \"x-ratelimit\", \"none\""
+                    ),
+                );
+                RateHeaders::All
+            }
+        };
         let limits = LimitsConfig {
             key_by,
+            headers,
             failed_auth_per_minute: f.limits.failed_auth_per_minute,
         };
         let errors = self.errors_config(f.errors);

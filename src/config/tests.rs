@@ -29,6 +29,30 @@ fn minimal_config_gets_the_defaults() {
 }
 
 #[test]
+fn rate_headers_are_all_by_default_and_named_when_wrong() {
+    let c = Config::from_toml(MINIMAL).unwrap();
+    assert_eq!(c.limits.headers, RateHeaders::All);
+    for (text, want, draft, x) in [
+        ("all", RateHeaders::All, true, true),
+        ("draft", RateHeaders::Draft, true, false),
+        ("x-ratelimit", RateHeaders::XRateLimit, false, true),
+        ("none", RateHeaders::None, false, false),
+    ] {
+        let c = Config::from_toml(&format!("[limits]\nheaders = \"{text}\"\n{MINIMAL}")).unwrap();
+        assert_eq!(c.limits.headers, want);
+        assert_eq!((want.draft(), want.x_ratelimit()), (draft, x), "{text}");
+    }
+    let e = errors(&format!("[limits]\nheaders = \"X-RateLimit\"\n{MINIMAL}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("limits.headers")
+            && e[0].contains("line 2")
+            && e[0].contains("\"x-ratelimit\""),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn unknown_fields_are_errors_with_a_line() {
     let e = errors(&format!("{MINIMAL}\n[heartbeat]\nwindwo = \"48h\"\n"));
     assert_eq!(e.len(), 1);

@@ -28,6 +28,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::clock::{Now, Stopwatch};
+use crate::config::RateHeaders;
 use crate::gate::fields::{self, Fields};
 use crate::gate::keys::LoadError;
 use crate::gate::{Check, Denial, Gate, Grant, KeyView, Outcome, RateInfo, RequestHead, Snapshot};
@@ -313,7 +314,7 @@ impl Proxy {
         let route = &snap.routes.get(grant.route).config;
         if route.usage {
             snap.count(Some(grant.route), Outcome::Served);
-            return self.usage(&grant, now);
+            return self.usage(snap, &grant, now);
         }
         let tunnel = parts.method == Method::CONNECT
             || parts.headers.contains_key(header::UPGRADE)
@@ -436,7 +437,12 @@ impl Proxy {
                 // The body is streamed as is, so the upstream's Content-Length stays valid.
                 forward::strip_hop_by_hop(&mut rparts.headers, false);
                 if let Some(k) = &grant.key {
-                    rate_headers(&mut rparts.headers, k, grant.rate.as_ref());
+                    rate_headers(
+                        &mut rparts.headers,
+                        snap.config.limits.headers,
+                        k,
+                        grant.rate.as_ref(),
+                    );
                 }
                 return Response::from_parts(rparts, Either::Left(rbody));
             }
@@ -525,7 +531,12 @@ impl Proxy {
         let upgrade = resp.headers().get(header::UPGRADE).cloned();
         forward::strip_hop_by_hop(resp.headers_mut(), false);
         if let Some(k) = &grant.key {
-            rate_headers(resp.headers_mut(), k, grant.rate.as_ref());
+            rate_headers(
+                resp.headers_mut(),
+                snap.config.limits.headers,
+                k,
+                grant.rate.as_ref(),
+            );
         }
         if !switched {
             let (rparts, rbody) = resp.into_parts();
@@ -581,7 +592,7 @@ impl Proxy {
     }
 
     /// The self-service usage answer: the caller's own key, plan, limits and heartbeat.
-    fn usage(&self, grant: &Grant, now: Now) -> Response<ProxyBody> {
+    fn usage(&self, snap: &Snapshot, grant: &Grant, now: Now) -> Response<ProxyBody> {
         let Some(k) = &grant.entry else {
             return Response::new(Either::Right(Full::new(Bytes::from_static(b"{}"))));
         };
@@ -610,14 +621,19 @@ impl Proxy {
             .insert(header::CONTENT_TYPE, JSON.clone());
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        rate_headers(resp.headers_mut(), &k.view(), grant.rate.as_ref());
+        rate_headers(
+            resp.headers_mut(),
+            snap.config.limits.headers,
+            &k.view(),
+            grant.rate.as_ref(),
+        );
         resp
     }
 }
 
 /// A denial's headers, from its shape's template ([`refusal`]). A refusal is either keyed
 /// (the gate knew the key) or carries `Retry-After` or `Allow`, never two of these, except
-/// the over-limit one, which has a shape of its own.
+/// the over-limit one, which has shapes of its own (one per `limits.headers` that sends any).
 fn denial_fields(
     snap: &Snapshot,
     d: Denial,
@@ -625,23 +641,41 @@ fn denial_fields(
     close: bool,
 ) -> refusal::Fields {
     use refusal::{Fields, Shape, Value};
+    let sent = snap.config.limits.headers;
     match (d, key) {
-        (Denial::RateLimited(i), Some(k)) => Fields::new(
-            Shape::Limited,
-            [
-                Value::Int(i.retry_after_secs),
-                Value::Header(k.policy_header.clone()),
-                Value::Rate {
+        (Denial::RateLimited(i), Some(k)) if sent != RateHeaders::None => {
+            let retry = Value::Int(i.retry_after_secs);
+            let draft = || {
+                let policy = Value::Header(k.policy_header.clone());
+                let rate = Value::Rate {
                     name: k.limits_name,
                     remaining: i.remaining,
                     secs: ratelimit_secs(&i),
-                },
-                Value::Header(i.limit_header.clone()),
-                Value::Int(i.remaining.into()),
-                Value::Int(i.reset_secs),
-            ],
-            close,
-        ),
+                };
+                [policy, rate]
+            };
+            let x = || {
+                [
+                    Value::Header(i.limit_header.clone()),
+                    Value::Int(i.remaining.into()),
+                    Value::Int(i.reset_secs),
+                ]
+            };
+            match sent {
+                RateHeaders::Draft => {
+                    let [p, r] = draft();
+                    Fields::new(Shape::LimitedDraft, [retry, p, r], close)
+                }
+                RateHeaders::XRateLimit => {
+                    let [l, r, t] = x();
+                    Fields::new(Shape::LimitedX, [retry, l, r, t], close)
+                }
+                _ => {
+                    let ([p, r], [l, rem, t]) = (draft(), x());
+                    Fields::new(Shape::Limited, [retry, p, r, l, rem, t], close)
+                }
+            }
+        }
         (
             Denial::RateLimited(RateInfo {
                 retry_after_secs, ..
@@ -654,12 +688,12 @@ fn denial_fields(
             [Value::Header(snap.routes.allow(group).clone())],
             close,
         ),
-        (_, Some(k)) => Fields::new(
+        (_, Some(k)) if sent.draft() => Fields::new(
             Shape::Keyed,
             [Value::Header(k.policy_header.clone())],
             close,
         ),
-        (_, None) => Fields::new(Shape::Plain, [], close),
+        _ => Fields::new(Shape::Plain, [], close),
     }
 }
 
@@ -729,14 +763,20 @@ pub fn millis_to_rfc3339(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// `RateLimit-Policy`, `RateLimit` (the IETF draft's fields) and `X-RateLimit-*`.
-fn rate_headers(h: &mut http::HeaderMap, k: &KeyView, info: Option<&RateInfo>) {
-    h.insert(RATELIMIT_POLICY.clone(), k.policy_header.clone());
-    if let Some(i) = info {
-        h.insert(
-            RATELIMIT.clone(),
-            refusal::ratelimit(k.limits_name, i.remaining, ratelimit_secs(i)),
-        );
+/// `RateLimit-Policy`, `RateLimit` (the IETF draft's fields) and `X-RateLimit-*`, as
+/// `limits.headers` says. Each replaces the upstream's field of that name; the families not
+/// sent pass through.
+fn rate_headers(h: &mut http::HeaderMap, sent: RateHeaders, k: &KeyView, info: Option<&RateInfo>) {
+    if sent.draft() {
+        h.insert(RATELIMIT_POLICY.clone(), k.policy_header.clone());
+        if let Some(i) = info {
+            h.insert(
+                RATELIMIT.clone(),
+                refusal::ratelimit(k.limits_name, i.remaining, ratelimit_secs(i)),
+            );
+        }
+    }
+    if let Some(i) = info.filter(|_| sent.x_ratelimit()) {
         h.insert(X_RATELIMIT_LIMIT.clone(), i.limit_header.clone());
         h.insert(
             X_RATELIMIT_REMAINING.clone(),

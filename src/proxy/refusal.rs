@@ -90,8 +90,12 @@ pub(super) enum Shape {
     Retry,
     /// A key: `RateLimit-Policy` (403s).
     Keyed,
-    /// A key over its limit: `Retry-After` and every rate field.
+    /// A key over its limit: `Retry-After` and every rate field (`limits.headers = "all"`).
     Limited,
+    /// A key over its limit: `Retry-After` and the IETF draft's fields.
+    LimitedDraft,
+    /// A key over its limit: `Retry-After` and `X-RateLimit-*`.
+    LimitedX,
     /// No route for the method: `Allow`.
     Allow,
 }
@@ -111,11 +115,26 @@ fn names(shape: Shape) -> &'static [&'static HeaderName] {
         &X_RATELIMIT_RESET,
         &forward::X_REQUEST_ID,
     ];
+    static LIMITED_DRAFT: &[&HeaderName] = &[
+        &header::RETRY_AFTER,
+        &RATELIMIT_POLICY,
+        &RATELIMIT,
+        &forward::X_REQUEST_ID,
+    ];
+    static LIMITED_X: &[&HeaderName] = &[
+        &header::RETRY_AFTER,
+        &X_RATELIMIT_LIMIT,
+        &X_RATELIMIT_REMAINING,
+        &X_RATELIMIT_RESET,
+        &forward::X_REQUEST_ID,
+    ];
     match shape {
         Shape::Plain => PLAIN,
         Shape::Retry => RETRY,
         Shape::Keyed => KEYED,
         Shape::Limited => LIMITED,
+        Shape::LimitedDraft => LIMITED_DRAFT,
+        Shape::LimitedX => LIMITED_X,
         Shape::Allow => ALLOW,
     }
 }
@@ -131,15 +150,17 @@ fn template(shape: Shape) -> HeaderMap {
     h
 }
 
-const SHAPES: [Shape; 5] = [
+const SHAPES: [Shape; 7] = [
     Shape::Plain,
     Shape::Retry,
     Shape::Keyed,
     Shape::Limited,
+    Shape::LimitedDraft,
+    Shape::LimitedX,
     Shape::Allow,
 ];
 
-static TEMPLATES: LazyLock<[HeaderMap; 5]> = LazyLock::new(|| SHAPES.map(template));
+static TEMPLATES: LazyLock<[HeaderMap; 7]> = LazyLock::new(|| SHAPES.map(template));
 
 /// The most values a shape takes (`Limited`'s, before `x-request-id`).
 const MAX_VALUES: usize = 6;
@@ -248,6 +269,24 @@ mod tests {
                     Value::Int(0),
                     Value::Int(60),
                 ],
+                false,
+            ),
+            Fields::new(
+                Shape::LimitedDraft,
+                [
+                    Value::Int(5),
+                    v("pol"),
+                    Value::Rate {
+                        name: &NAME,
+                        remaining: 0,
+                        secs: 5,
+                    },
+                ],
+                true,
+            ),
+            Fields::new(
+                Shape::LimitedX,
+                [Value::Int(5), v("10"), Value::Int(0), Value::Int(3600)],
                 false,
             ),
         ];

@@ -52,6 +52,14 @@ pub const ACCESS_DENIED: &str =
     r#"{"error":"Access denied: You don't have permission to access this resource"}"#;
 
 /// Bytes of each chunk of `/big` responses and streamed uploads.
+/// The rate-limit fields the upstream's `/own-limits` answers with, one of each family.
+pub const UPSTREAM_RATE_FIELDS: [(&str, &str); 5] = [
+    ("ratelimit-policy", "\"upstream\";q=5000;w=3600"),
+    ("ratelimit", "\"upstream\";r=4999;t=1"),
+    ("x-ratelimit-limit", "5000"),
+    ("x-ratelimit-remaining", "4999"),
+    ("x-ratelimit-reset", "1"),
+];
 pub const CHUNK: usize = 64 * 1024;
 
 // ---------------------------------------------------------------------------------------------
@@ -246,6 +254,15 @@ async fn upstream_handle(
             );
             r.headers_mut()
                 .insert("x-upstream", http::HeaderValue::from_static("yes"));
+            Ok(r)
+        }
+        "own-limits" => {
+            // An API that reports limits of its own ([`UPSTREAM_RATE_FIELDS`]).
+            let mut r = full(StatusCode::OK, json!({ "own": "limits" }));
+            for (name, value) in UPSTREAM_RATE_FIELDS {
+                r.headers_mut()
+                    .insert(name, http::HeaderValue::from_static(value));
+            }
             Ok(r)
         }
         "hop" => {
