@@ -645,35 +645,26 @@ fn denial_fields(
     match (d, key) {
         (Denial::RateLimited(i), Some(k)) if sent != RateHeaders::None => {
             let retry = Value::Int(i.retry_after_secs);
-            let draft = || {
-                let policy = Value::Header(k.policy_header.clone());
-                let rate = Value::Rate {
-                    name: k.limits_name,
-                    remaining: i.remaining,
-                    secs: ratelimit_secs(&i),
-                };
-                [policy, rate]
+            let policy = Value::Header(k.policy_header.clone());
+            let rate = Value::Rate {
+                name: k.limits_name,
+                remaining: i.remaining,
+                secs: ratelimit_secs(&i),
             };
-            let x = || {
-                [
-                    Value::Header(i.limit_header.clone()),
-                    Value::Int(i.remaining.into()),
-                    Value::Int(i.reset_secs),
-                ]
-            };
+            let limit = Value::Header(i.limit_header.clone());
+            let (remaining, reset) = (Value::Int(i.remaining.into()), Value::Int(i.reset_secs));
             match sent {
                 RateHeaders::Draft => {
-                    let [p, r] = draft();
-                    Fields::new(Shape::LimitedDraft, [retry, p, r], close)
+                    Fields::new(Shape::LimitedDraft, [retry, policy, rate], close)
                 }
                 RateHeaders::XRateLimit => {
-                    let [l, r, t] = x();
-                    Fields::new(Shape::LimitedX, [retry, l, r, t], close)
+                    Fields::new(Shape::LimitedX, [retry, limit, remaining, reset], close)
                 }
-                _ => {
-                    let ([p, r], [l, rem, t]) = (draft(), x());
-                    Fields::new(Shape::Limited, [retry, p, r, l, rem, t], close)
-                }
+                _ => Fields::new(
+                    Shape::Limited,
+                    [retry, policy, rate, limit, remaining, reset],
+                    close,
+                ),
             }
         }
         (
