@@ -121,6 +121,26 @@ async fn a_reload_that_changes_a_limit_takes_effect() {
 }
 
 #[tokio::test]
+async fn a_reload_that_changes_limits_headers_takes_effect() {
+    let up = Upstream::start().await;
+    let mut cfg = Cfg::new(up.addr);
+    cfg.tiny_limit = 5;
+    let (kg, _dir, path) = start_from_file(&cfg).await;
+    let r = kg.get("/api/x", Some(TINY_KEY)).await;
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("4"));
+    assert!(r.header("ratelimit").is_some());
+
+    cfg.extra = "[limits]\nheaders = \"draft\"\n".into();
+    write_file(&path, &cfg.render());
+    kg.server.reload().unwrap();
+    let r = kg.get("/api/x", Some(TINY_KEY)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.header("x-ratelimit-remaining").is_none());
+    // The bucket is the one before the reload: one more request spent.
+    assert_eq!(r.header("ratelimit"), Some("\"tiny\";r=3;t=1440"));
+}
+
+#[tokio::test]
 async fn a_reload_can_revoke_a_key_and_move_the_upstream() {
     let up = Upstream::start().await;
     let other = Upstream::start().await;
