@@ -211,6 +211,8 @@ mod tests {
 
     use http::{HeaderMap, HeaderValue};
 
+    use crate::gate::fields::map_of as headers;
+
     fn rules(sources: &[CredentialSource]) -> CredentialRules {
         CredentialRules::new(
             &CredentialsConfig {
@@ -222,17 +224,6 @@ mod tests {
                 ("test".into(), "sk_test_".into()),
             ]),
         )
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
     }
 
     fn key(f: Found<'_>) -> Option<Vec<u8>> {

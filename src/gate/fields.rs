@@ -108,6 +108,19 @@ pub fn visible(v: &[u8]) -> Option<&str> {
     }
 }
 
+/// A map of `pairs`, in order (a name may repeat): the unit tests' way to make request fields.
+#[cfg(test)]
+pub(crate) fn map_of(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut m = HeaderMap::new();
+    for (n, v) in pairs {
+        m.append(
+            HeaderName::from_bytes(n.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,17 +140,6 @@ mod tests {
             head.extend_from_slice(b"\r\n");
         }
         (head, spans)
-    }
-
-    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut m = HeaderMap::new();
-        for (n, v) in pairs {
-            m.append(
-                HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        m
     }
 
     fn all<'a>(f: Fields<'a>, name: &HeaderName) -> Vec<&'a [u8]> {
@@ -197,7 +199,7 @@ mod tests {
             let pairs: Vec<(&str, &str)> =
                 pairs.iter().map(|(n, v)| (*n, v.trim_matches(' '))).collect();
             let (head, spans) = raw(&pairs);
-            let m = map(&pairs);
+            let m = map_of(&pairs);
             let r = Fields::Raw { head: &head, spans: &spans };
             prop_assert_eq!(r.len(), Fields::Map(&m).len());
             for name in ["host", "x-api-key", "authorization", "connection", "x-forwarded-for",
